@@ -1,0 +1,105 @@
+"""Fixtures: small random GPT-2 checkpoints saved to disk, so the real loading path runs.
+
+The tokenizer is the real GPT-2 one from ../shared/tokenizers/gpt2 when present;
+otherwise a byte-level BPE trained here (tests that need the real one skip).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+GPT2_TOKENIZER = SHARED / "tokenizers" / "gpt2"
+WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+needs_gpt2_tokenizer = pytest.mark.skipif(
+    not (GPT2_TOKENIZER / "tokenizer.json").is_file(),
+    reason="the real GPT-2 tokenizer is not here (../shared/tokenizers/gpt2 is absent)",
+)
+
+SAMPLE_TEXT = (
+    "The lighthouse keeper climbed the stairs every evening. Once upon a time there was a "
+    "small town by the sea, and the keeper knew every ship by name. 灯台守は毎晩階段を上った。 "
+    "Emoji too: 🌊🚢🌅. def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+)
+
+
+def write_tokenizer(folder: Path) -> None:
+    """The real GPT-2 tokenizer if present, else a small byte-level BPE trained here."""
+    if (GPT2_TOKENIZER / "tokenizer.json").is_file():
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+            shutil.copy(GPT2_TOKENIZER / name, folder / name)
+        return
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([SAMPLE_TEXT] * 20, trainer=trainer)
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def build_checkpoint(folder: Path, *, n_positions: int = 64, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, seed: int = 0):
+    """Save a random GPT-2 with a tokenizer to `folder`; return the transformers model."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    eos = tok.token_to_id("<|endoftext|>")
+    config = GPT2Config(
+        vocab_size=tok.get_vocab_size(), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        bos_token_id=eos, eos_token_id=eos,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # random init is near-uniform; sharper weights give varied, peaky logits
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    build_checkpoint(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_dir):
+    """The same checkpoint loaded by transformers: the reference."""
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(tiny_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_dir):
+    """(GPT2, Tokenizer, ModelInfo) through wmgen's own loading path."""
+    from wmgen.model import load_model, load_tokenizer
+
+    info, tokenizer = load_tokenizer(str(tiny_dir))
+    return load_model(info, device="cpu", dtype="float32"), tokenizer, info
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """No test reads or writes the real user's config or sessions."""
+    monkeypatch.setenv("WMGEN_HOME", str(tmp_path / "wmgen-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for key in list(os.environ):
+        if key.startswith("WMGEN_") and key != "WMGEN_HOME":
+            monkeypatch.delenv(key)

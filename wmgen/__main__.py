@@ -1,0 +1,3 @@
+from wmgen.cli import main
+
+main()

@@ -1,0 +1,185 @@
+"""WorkingMemory: the bounded window of tokens the model holds in mind, and the keys
+and values every layer computed for them.
+
+At most `capacity` tokens; the first `keep` are pinned. When a token arrives and the
+memory is full, the oldest `evict` unpinned tokens are dropped. GPT-2's positions
+are absolute, so the keys and values after the pinned head are then stale: they are
+recomputed, at positions `keep..`, in the same batched forward pass that reads the
+next token(s). Between evictions a token costs one incremental step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from wmgen.errors import UsageError
+from wmgen.gpt2 import GPT2
+from wmgen.settings import MemorySettings
+
+PROMPT, GENERATED, CONTINUED = "prompt", "generated", "continued"
+
+
+def default_evict(capacity: int, keep: int) -> int:
+    """A quarter of the rolling part: measured, the recompute then costs ~10% of
+    decode time at capacity 1024 while every token keeps >= 3/4 of the window."""
+    return max(1, (capacity - keep) // 4)
+
+
+def resolve_shape(s: MemorySettings, limit: int, prompt_tokens: int) -> tuple[int, int, int]:
+    """`(capacity, keep, evict)` from settings, checked against the model's limit."""
+    capacity = limit if s.capacity is None else s.capacity
+    keep = prompt_tokens if s.keep == "prompt" else s.keep
+    evict = default_evict(capacity, keep) if s.evict is None else s.evict
+    check_shape(capacity, keep, evict, limit)
+    return capacity, keep, evict
+
+
+def check_shape(capacity: int, keep: int, evict: int, limit: int) -> None:
+    if not 2 <= capacity <= limit:
+        raise UsageError(f"--capacity {capacity} is outside 2..{limit} (the model's n_positions); pick a value in range")
+    if not 0 <= keep < capacity:
+        raise UsageError(
+            f"--keep {keep} leaves no room to roll in --capacity {capacity}; pin fewer tokens or raise the capacity"
+        )
+    if not 1 <= evict <= capacity - keep:
+        raise UsageError(f"--evict {evict} must be between 1 and capacity - keep = {capacity - keep}")
+
+
+@dataclass
+class Counters:
+    evictions: int = 0  # eviction events
+    evicted: int = 0  # tokens dropped by them
+    recomputed: int = 0  # tokens whose keys/values were computed again
+    seen: int = 0  # tokens read into memory, in total
+
+
+class WorkingMemory:
+    def __init__(self, model: GPT2, capacity: int, keep: int = 0, evict: int | None = None):
+        evict = default_evict(capacity, keep) if evict is None else evict
+        check_shape(capacity, keep, evict, model.config.n_positions)
+        self.model = model
+        self.capacity, self.keep, self.evict = capacity, keep, evict
+        self.store = model.new_store(capacity)  # allocated once; steps write in place
+        self.tokens: list[int] = []
+        self.origins: list[str] = []
+        self.logprobs: list[float | None] = []
+        self.valid = 0  # leading slots whose keys/values are current
+        self.counters = Counters()
+        self._seen_at_forward = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def fill(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values held for the tokens in memory."""
+        return self.store.nbytes * self.fill // self.capacity
+
+    def append(self, token: int, *, origin: str = GENERATED, logprob: float | None = None, compute: bool = True):
+        """Read one token; the logits `[V]` for the token after it (None without `compute`)."""
+        return self.feed([token], origin=origin, logprobs=[logprob], compute=compute)
+
+    def feed(
+        self,
+        ids: Sequence[int],
+        *,
+        origin: str = PROMPT,
+        logprobs: Sequence[float | None] | None = None,
+        all_logits: bool = False,
+        compute: bool = True,
+    ) -> Tensor | None:
+        """Read tokens as if appended one at a time (evicting as it goes), in as few
+        batched forward passes as the evictions allow. Returns the logits for the
+        token after the last one `[V]`, or with `all_logits` after each one `[T, V]`.
+        With `compute=False` the tokens are only recorded (evicting as needed); the
+        next pass that needs them computes their keys and values."""
+        ids = list(ids)
+        if not ids:
+            raise ValueError("feed needs at least one token")
+        logprobs = list(logprobs) if logprobs is not None else [None] * len(ids)
+        out = []
+        i = 0
+        while i < len(ids):
+            if self.fill == self.capacity:
+                self._evict()
+            n = min(self.capacity - self.fill, len(ids) - i)
+            self.tokens += ids[i : i + n]
+            self.origins += [origin] * n
+            self.logprobs += logprobs[i : i + n]
+            self.counters.seen += n
+            if compute:
+                out.append(self._forward(n if all_logits else 1))
+            i += n
+        if not compute:
+            return None
+        return torch.cat(out) if all_logits else out[-1][-1]
+
+    def read(self, ids: Sequence[int], *, origin: str = PROMPT) -> tuple[Tensor, int]:
+        """Read a prompt in one forward pass; the logits `[V]` for the token after it,
+        and how many prompt tokens were dropped unread. What does not fit is dropped
+        as a block: the oldest unpinned tokens, first from memory, then from the
+        prompt (its pinned head, if any, stays)."""
+        ids = list(ids)
+        if not ids:
+            raise ValueError("read needs at least one token")
+        before = self.fill
+        dropped = max(0, before + len(ids) - self.capacity)
+        if dropped:
+            cut = slice(self.keep, self.keep + dropped)
+            self.tokens += ids
+            self.origins += [origin] * len(ids)
+            self.logprobs += [None] * len(ids)
+            for column in (self.tokens, self.origins, self.logprobs):
+                del column[cut]
+            from_memory = max(0, min(dropped, before - self.keep))
+            if from_memory:
+                self.counters.evictions += 1
+                self.counters.evicted += from_memory
+            self.valid = min(self.valid, self.keep)
+            unread = dropped - from_memory
+        else:
+            self.tokens += ids
+            self.origins += [origin] * len(ids)
+            self.logprobs += [None] * len(ids)
+            unread = 0
+        self.counters.seen += len(ids) - unread
+        return self._forward(1)[-1], unread
+
+    def restore(self, ids: Sequence[int], origins: Sequence[str], logprobs: Sequence[float | None]) -> None:
+        """Put tokens back (from a session) without running the model; the next
+        `feed` computes their keys and values with its own tokens."""
+        if len(ids) > self.capacity:
+            raise ValueError("restored tokens exceed capacity")
+        self.tokens, self.origins, self.logprobs = list(ids), list(origins), list(logprobs)
+        self.valid = 0
+        self._seen_at_forward = self.counters.seen
+
+    def _evict(self) -> None:
+        drop = min(self.evict, self.fill - self.keep)
+        cut = slice(self.keep, self.keep + drop)
+        for column in (self.tokens, self.origins, self.logprobs):
+            del column[cut]
+        self.valid = min(self.valid, self.keep)
+        self.counters.evictions += 1
+        self.counters.evicted += drop
+
+    @torch.inference_mode()
+    def _forward(self, last: int) -> Tensor:
+        """Compute keys/values for every slot from `valid` on (stale ones again,
+        new ones for the first time); the float32 logits of the last `last` slots."""
+        start = self.valid
+        fresh = self.counters.seen - self._seen_at_forward
+        self.counters.recomputed += self.fill - start - fresh
+        self._seen_at_forward = self.counters.seen
+        ids = torch.tensor([self.tokens[start:]], device=self.model.device)
+        hidden = self.model.forward(ids, start, self.store)
+        self.valid = self.fill
+        return self.model.logits(hidden[0, -last:]).float()

@@ -1,0 +1,216 @@
+"""Finding a GPT-2 checkpoint (local folder or hub id) and loading it.
+
+Weights load from safetensors only, read straight into their final tensors: no
+pickle, no remote code, no second copy of the weights in memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from wmgen.errors import ModelError, UsageError
+from wmgen.tokens import Tokenizer
+
+ACTIVATION_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu")
+CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the checkpoint's config.json says; cheap to read, no torch needed."""
+
+    folder: Path
+    name: str
+    n_positions: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab_size: int
+    raw: dict
+
+
+def find_model(name: str, *, download: bool = True) -> Path:
+    """The local folder holding checkpoint `name`: the folder itself, or the hub's
+    cache (fetching on first use unless offline)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
+        raise UsageError(f"no model folder at {name}: pass a folder with config.json, model.safetensors and a tokenizer")
+    return _from_hub(name, download=download)
+
+
+def _from_hub(repo_id: str, *, download: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=CHECKPOINT_FILES, local_files_only=True))
+    except HFValidationError:
+        raise UsageError(f"'{repo_id}' is neither a model folder nor a valid hub model id") from None
+    except Exception:
+        if not download:
+            raise ModelError(f"model '{repo_id}' is not in the local cache; run wmgen generate --model {repo_id} once online") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=CHECKPOINT_FILES))
+    except Exception as e:
+        why = type(e).__name__
+        raise ModelError(
+            f"model '{repo_id}' is not in the local cache and could not be fetched from the hub ({why}); "
+            "connect once to cache it, or pass a local folder with --model PATH"
+        ) from None
+
+
+def read_info(folder: Path, name: str) -> ModelInfo:
+    config_path = folder / "config.json"
+    try:
+        raw = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{folder} has no config.json: is it a GPT-2 checkpoint folder?") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {config_path}: {e}") from None
+    if raw.get("model_type", "gpt2") != "gpt2":
+        raise ModelError(f"{name} is a '{raw.get('model_type')}' model; wmgen runs GPT-2 checkpoints only")
+    for unsupported in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if raw.get(unsupported):
+            raise ModelError(f"{name} sets {unsupported}, which wmgen does not implement")
+    try:
+        return ModelInfo(
+            folder=folder,
+            name=name,
+            n_positions=int(raw.get("n_positions", raw.get("n_ctx", 1024))),
+            n_layer=int(raw["n_layer"]),
+            n_embd=int(raw["n_embd"]),
+            n_head=int(raw["n_head"]),
+            vocab_size=int(raw["vocab_size"]),
+            raw=raw,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"{config_path} is not a GPT-2 config (missing or bad {e})") from None
+
+
+def load_tokenizer(name: str) -> tuple[ModelInfo, Tokenizer]:
+    """The tokenizer alone (and the config), without torch: for views that need no weights."""
+    folder = find_model(name)
+    return read_info(folder, name), Tokenizer.from_folder(folder)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: no Apple GPU is available here; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto"):
+    """The network (`GPT2`) of the checkpoint `info` describes, on `device` in `dtype`."""
+    from wmgen.gpt2 import GPT2, GPT2Config
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    weights_path = info.folder / "model.safetensors"
+    if not weights_path.is_file():
+        if any(info.folder.glob("*.bin")):
+            raise ModelError(
+                f"{info.folder} has only pickle (.bin) weights; wmgen loads safetensors only. "
+                "Convert them once with transformers: save_pretrained(folder, safe_serialization=True)"
+            )
+        raise ModelError(f"{info.folder} has no model.safetensors")
+    config = GPT2Config(
+        vocab_size=info.vocab_size,
+        n_positions=info.n_positions,
+        n_embd=info.n_embd,
+        n_layer=info.n_layer,
+        n_head=info.n_head,
+        layer_norm_epsilon=float(info.raw.get("layer_norm_epsilon", 1e-5)),
+        activation_function=info.raw.get("activation_function", "gelu_new"),
+        eos_token_id=info.raw.get("eos_token_id"),
+    )
+    if config.activation_function not in ACTIVATION_NAMES:
+        raise ModelError(f"{info.name} uses activation '{config.activation_function}', which wmgen does not implement")
+    tied = {"wte.weight", "transformer.wte.weight"}
+    weights = read_safetensors(weights_path, dtype=torch_dtype, device=device, transpose=tied)
+    try:
+        return GPT2(config, weights)
+    except KeyError as e:
+        raise ModelError(f"{weights_path} lacks the GPT-2 weight {e}") from None
+
+
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def read_safetensors(path: Path, *, dtype, device: str, transpose: set[str] = frozenset()) -> dict:
+    """Tensors from a safetensors file, each read straight into its final buffer.
+
+    Names in `transpose` are stored transposed (a contiguous `[in, out]` buffer,
+    returned as its `.t()` view), converted row block by row block.
+    """
+    import torch
+
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+            base = 8 + header_len
+            out = {}
+            for name, meta in header.items():
+                if name == "__metadata__" or not name.endswith((".weight", ".bias")):
+                    continue
+                if meta["dtype"] not in SAFETENSORS_DTYPES:
+                    raise ModelError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+                stored = getattr(torch, SAFETENSORS_DTYPES[meta["dtype"]])
+                begin, end = meta["data_offsets"]
+                f.seek(base + begin)
+                shape = meta["shape"]
+                if name in transpose:
+                    out[name] = _read_transposed(f, shape, stored, dtype, device).t()
+                else:
+                    out[name] = _read_tensor(f, shape, stored, end - begin).to(device=device, dtype=dtype)
+            return out
+    except (OSError, ValueError, KeyError, struct.error) as e:
+        raise ModelError(f"cannot read weights from {path}: {e}") from None
+
+
+def _read_tensor(f, shape, dtype, nbytes: int):
+    import torch
+
+    t = torch.empty(shape, dtype=dtype)
+    if nbytes and f.readinto((ctypes.c_char * nbytes).from_address(t.data_ptr())) != nbytes:
+        raise ValueError("file ends early")
+    return t
+
+
+def _read_transposed(f, shape, stored, dtype, device, rows_per_block: int = 4096):
+    import torch
+
+    rows, cols = shape
+    out = torch.empty((cols, rows), dtype=dtype, device=device)
+    for start in range(0, rows, rows_per_block):
+        n = min(rows_per_block, rows - start)
+        block = _read_tensor(f, (n, cols), stored, n * cols * stored.itemsize)
+        out[:, start : start + n].copy_(block.t())
+    return out
