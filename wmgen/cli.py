@@ -13,7 +13,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from wmgen.errors import UsageError, WmgenError
+from wmgen.errors import SessionError, UsageError, WmgenError
 
 EXIT_CODES = """Exit status: 0 success, 1 runtime failure, 2 usage error, 130 interrupted (Ctrl-C)."""
 
@@ -106,7 +106,7 @@ def decode_utf8(data: bytes, where: str) -> str:
         ) from None
 
 
-def read_prompt(argument: str | None, file: str | None) -> str:
+def read_prompt(argument: str | None, file: str | None, *, required: bool = True) -> str:
     """The prompt: stdin (or -f FILE), then a newline and the argument, if both are given."""
     parts = []
     if file is not None:
@@ -117,7 +117,7 @@ def read_prompt(argument: str | None, file: str | None) -> str:
             raise UsageError(f"cannot read prompt file {file}: {e.strerror}") from None
     if file is None or argument == "-":
         piped = stdin_text()
-        if piped is None and argument in (None, "-") and file is None:
+        if piped is None and argument in (None, "-") and file is None and required:
             raise UsageError('no prompt: give one as an argument, pipe text on stdin, or use -f FILE (e.g. wmgen generate "Once upon a time")')
         if piped:
             parts.append(piped)
@@ -149,43 +149,70 @@ def generate(
     echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the continuation.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings and memory counters on stderr at the end.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No notices on stderr.")] = False,
+    session: Annotated[Optional[str], typer.Option("--session", "-s", help="Save the final memory as this session (default: 'last').", show_default=False)] = None,
+    continue_: Annotated[bool, typer.Option("-c", "--continue", help="Continue from the saved memory of the session, and save back to it.")] = False,
+    no_save: Annotated[bool, typer.Option("--no-save", help="Do not save the final memory.")] = False,
 ) -> None:
-    """Stream a continuation of the prompt to stdout."""
-    from wmgen.settings import load_settings
+    """Stream a continuation of the prompt to stdout.
+
+    The final working memory is saved as session 'last' (or --session NAME);
+    -c continues from it.
+    """
+    from wmgen import session as sessions
+    from wmgen.settings import load_settings, state_dir
 
     flags = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos,
         capacity=capacity, keep=keep, evict=evict, model=model, device=device, dtype=dtype,
     )  # fmt: skip
+    state = state_dir(os.environ)
+    name = sessions.check_name(session or "last")
+    previous = None
+    if continue_:
+        previous = sessions.load(state, name)
+        # a continued memory keeps its model and shape unless a flag says otherwise
+        kept = {"model": previous.get("model"), "capacity": previous["capacity"], "keep": previous["keep"], "evict": previous["evict"]}
+        flags = {k: (v if v is not None else kept.get(k)) for k, v in flags.items()}
     settings = load_settings(flags=flags, env=os.environ, config=config)
-    text = read_prompt(prompt, file)
-    if not text and not from_scratch:
+    text = read_prompt(prompt, file, required=previous is None)
+    if not text and not from_scratch and previous is None:
         raise UsageError("the prompt is empty; give some text, or --from-scratch to start from <|endoftext|>")
-    run_generate(settings, text, from_scratch=from_scratch, echo=echo, stats=stats, quiet=quiet)
+    run_generate(
+        settings, text, previous=previous, save_to=None if no_save else (state, name),
+        from_scratch=from_scratch, echo=echo, stats=stats, quiet=quiet,
+    )  # fmt: skip
 
 
-def run_generate(settings, text: str, *, from_scratch: bool, echo: bool, stats: bool, quiet: bool) -> None:
+def run_generate(settings, text: str, *, previous, save_to, from_scratch: bool, echo: bool, stats: bool, quiet: bool) -> None:
     from wmgen.model import load_tokenizer
 
     info, tokenizer = load_tokenizer(settings.model.name)
+    if previous is not None:
+        check_same_tokenizer(previous, tokenizer)
     prompt_ids = ([tokenizer.eos_id] if from_scratch else []) + tokenizer.encode(text)
-    if not prompt_ids:
+    if not prompt_ids and previous is None:
         raise UsageError("the prompt is empty after tokenizing; give some text, or --from-scratch")
 
-    from wmgen.memory import WorkingMemory, resolve_shape
+    from wmgen.memory import CONTINUED, PROMPT, WorkingMemory, resolve_shape
 
     capacity, keep, evict = resolve_shape(settings.memory, info.n_positions, len(prompt_ids))
     model = load_with_status(info, settings, quiet)
     memory = WorkingMemory(model, capacity, keep, evict)
+    if previous is not None and (lost := memory.restore(previous)):
+        notice(f"the session held {previous['fill']} tokens; --capacity {capacity} keeps {previous['fill'] - lost}", quiet)
 
-    from wmgen.generation import Finished, Started, generate
+    from wmgen.events import Finished, Started
+    from wmgen.generation import generate
     from wmgen.render import PipeClosed, TextWriter, stats_line
 
     writer = TextWriter(sys.stdout, echo_text=text if echo else None)
     eos = model.config.eos_token_id
+    origin = CONTINUED if previous is not None else PROMPT
     try:
-        for event in generate(memory, tokenizer, prompt_ids, settings.run, settings.sampling, eos_id=eos):
+        for event in generate(memory, tokenizer, prompt_ids, settings.run, settings.sampling, eos_id=eos, origin=origin):
+            if isinstance(event, Started):
+                settings = with_seed(settings, event.seed)  # saved, so a run can be repeated
             if isinstance(event, Started) and event.dropped:
                 notice(f"the prompt has {event.prompt_tokens} tokens; memory holds {capacity}: "
                        f"{event.dropped} tokens before the last {capacity - keep} were dropped", quiet)  # fmt: skip
@@ -197,11 +224,55 @@ def run_generate(settings, text: str, *, from_scratch: bool, echo: bool, stats: 
                     print(stats_line(event), file=sys.stderr)
     except PipeClosed:
         quiet_stdout()
+        save_memory(save_to, memory, tokenizer, settings, quiet=True)
         raise BrokenPipe from None
     except KeyboardInterrupt:
         sys.stdout.flush()
+        save_memory(save_to, memory, tokenizer, settings, quiet)
         notice("interrupted", quiet)
         raise typer.Exit(130) from None
+    save_memory(save_to, memory, tokenizer, settings, quiet)
+
+
+def with_seed(settings, seed: int):
+    from dataclasses import replace
+
+    return replace(settings, sampling=replace(settings.sampling, seed=seed))
+
+
+def model_id(name: str) -> str:
+    """A hub id as given; a local folder as an absolute path, so -c works from anywhere."""
+    from pathlib import Path
+
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
+def check_same_tokenizer(previous: dict, tokenizer) -> None:
+    if previous.get("tokenizer") != tokenizer.fingerprint:
+        raise SessionError(
+            f"session '{previous.get('name')}' was made with another tokenizer (model {previous.get('model')}); "
+            f"continue it with --model {previous.get('model')}, or start a new session with --session NAME"
+        )
+
+
+def save_memory(save_to, memory, tokenizer, settings, quiet: bool) -> None:
+    """Save the memory as a session, unless --no-save; a failure is a notice, since
+    the text was already written."""
+    if save_to is None:
+        return
+    from wmgen import session as sessions
+    from wmgen.settings import as_dict
+
+    state, name = save_to
+    snap = memory.snapshot(
+        token_text=tokenizer.token_text, model=model_id(settings.model.name), tokenizer=tokenizer.fingerprint,
+        sampling=as_dict(settings)["sampling"], text=tokenizer.decode(memory.tokens),
+    )  # fmt: skip
+    try:
+        sessions.save(state, name, snap)
+    except WmgenError as e:
+        notice(f"warning: {e}", quiet)
 
 
 def quiet_stdout() -> None:
@@ -219,6 +290,148 @@ def load_with_status(info, settings, quiet: bool):
 
     with Console(stderr=True).status(f"loading {info.name}"):
         return load_model(info, device=settings.model.device, dtype=settings.model.dtype)
+
+
+def console_for(no_color: bool):
+    """A rich console on stdout: colour and boxes only on a terminal without NO_COLOR."""
+    from rich.console import Console
+
+    plain = no_color or bool(os.environ.get("NO_COLOR")) or not sys.stdout.isatty()
+    return Console(no_color=plain, highlight=False, soft_wrap=False), plain
+
+
+@app.command("inspect-memory")
+def inspect_memory(
+    session: Annotated[Optional[str], typer.Option("--session", "-s", help="The session to show (default: 'last').", show_default=False)] = None,
+    head: Annotated[Optional[int], typer.Option("--head", help="Show only the first N slots.", min=0, show_default=False)] = None,
+    tail: Annotated[Optional[int], typer.Option("--tail", help="Show only the last N slots.", min=0, show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole snapshot as JSON.")] = False,
+    as_text: Annotated[bool, typer.Option("--text", help="Print only the text in memory.")] = False,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Show how this prompt (- for stdin) would fill a memory, without generating.", show_default=False)] = None,
+    capacity: Annotated[Optional[int], typer.Option("--capacity", help="With --prompt: the memory's capacity.", show_default=False)] = None,
+    keep: Annotated[Optional[str], typer.Option("--keep", help="With --prompt: pinned tokens, a count or 'prompt'.", show_default=False)] = None,
+    evict: Annotated[Optional[int], typer.Option("--evict", help="With --prompt: tokens per eviction.", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="With --prompt: whose tokenizer (default: gpt2). With --attention: the model to run (default: the session's).", show_default=False)] = None,
+    attention: Annotated[bool, typer.Option("--attention", help="Run the memory through the model once and show where the next token's query attends.")] = False,
+    layer: Annotated[Optional[int], typer.Option("--layer", help="With --attention: one layer instead of the mean over all.", show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="With --attention: auto, cpu, cuda or mps.", show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="With --attention: auto, float32, bfloat16 or float16.", show_default=False)] = None,
+    config: Annotated[Optional[str], typer.Option("--config", help="A preset name or .toml file (for --prompt defaults).", show_default=False)] = None,
+    no_color: Annotated[bool, typer.Option("--no-color", help="No colour or box drawing.")] = False,
+) -> None:
+    """Show what is in working memory: a saved session, or a prompt's footprint.
+
+    Loads no model weights unless --attention is given.
+    """
+    from wmgen import session as sessions
+    from wmgen.settings import load_settings, state_dir
+
+    if head is not None and tail is not None:
+        raise UsageError("--head and --tail cannot be used together; pick one")
+    if as_json and as_text:
+        raise UsageError("--json and --text cannot be used together; pick one")
+    if prompt is not None:
+        flags = dict(capacity=capacity, keep=keep, evict=evict, model=model, device=device, dtype=dtype)
+        snap = preview_prompt(load_settings(flags=flags, env=os.environ, config=config), read_prompt(prompt, None))
+    else:
+        if any(v is not None for v in (capacity, keep, evict)):
+            raise UsageError("--capacity, --keep and --evict shape a --prompt preview; a saved session keeps its own")
+        snap = sessions.load(state_dir(os.environ), sessions.check_name(session or "last"))
+    if attention:
+        if layer is not None and layer < 0:
+            raise UsageError(f"--layer {layer}: layers are numbered from 0")
+        flags = dict(model=model or snap.get("model"), device=device, dtype=dtype)
+        snap["attention"] = attention_shares(snap, load_settings(flags=flags, env=os.environ, config=config), layer)
+    elif layer is not None:
+        raise UsageError("--layer goes with --attention")
+
+    if as_json:
+        import json
+
+        from wmgen.render import select_slots
+
+        print(json.dumps(snap | {"slots": select_slots(snap["slots"], head, tail)}, ensure_ascii=False, indent=1))
+    elif as_text:
+        sys.stdout.write(snap.get("text", ""))
+        if sys.stdout.isatty():
+            print()
+    else:
+        from wmgen.render import show_memory
+
+        console, plain = console_for(no_color)
+        show_memory(snap, console, head=head, tail=tail, plain=plain)
+
+
+def preview_prompt(settings, text: str) -> dict:
+    """How `text` would fill a memory: tokenizer only, no weights."""
+    from wmgen.model import load_tokenizer
+    from wmgen.window import describe, fit, resolve_shape
+
+    info, tokenizer = load_tokenizer(settings.model.name)
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise UsageError("the prompt is empty; give some text to preview")
+    capacity, keep, evict = resolve_shape(settings.memory, info.n_positions, min(len(ids), info.n_positions - 1))
+    kept, dropped = fit(ids, capacity, keep)
+    bytes_per_value = 2 if settings.model.dtype in ("bfloat16", "float16") else 4
+    snap = describe(
+        kept, ["prompt"] * len(kept), [None] * len(kept), capacity=capacity, keep=keep, evict=evict,
+        counters={"evictions": 0, "evicted": 0, "recomputed": 0, "seen": len(kept)},
+        kv_bytes_per_token=2 * info.n_layer * info.n_embd * bytes_per_value, token_text=tokenizer.token_text,
+        model=model_id(settings.model.name), tokenizer=tokenizer.fingerprint, text=tokenizer.decode(kept),
+    )  # fmt: skip
+    return snap | {"name": "(prompt preview)", "prompt_tokens": len(ids), "dropped": dropped}
+
+
+def attention_shares(snap: dict, settings, layer: int | None) -> dict:
+    """Per slot, the share of attention the last slot's query gives it (mean over heads, and layers)."""
+    from wmgen.model import load_tokenizer
+
+    info, tokenizer = load_tokenizer(settings.model.name)
+    if snap.get("tokenizer") not in (None, tokenizer.fingerprint):
+        raise SessionError(f"this memory was made with another tokenizer; pass --model {snap.get('model')}")
+    if not snap["slots"]:
+        raise UsageError("the memory is empty: nothing to attend to")
+    if layer is not None and layer >= info.n_layer:
+        raise UsageError(f"--layer {layer}: the model has layers 0..{info.n_layer - 1}")
+    if len(snap["slots"]) > info.n_positions:
+        raise UsageError(f"the memory holds {len(snap['slots'])} tokens, more than {info.name} can read ({info.n_positions})")
+    from wmgen.memory import WorkingMemory
+
+    model = load_with_status(info, settings, quiet=False)
+    memory = WorkingMemory(model, max(2, len(snap["slots"])), 0, 1)
+    memory.restore(snap | {"keep": 0})
+    weights = memory.attention()  # [layers, heads, fill]
+    picked = weights.mean(dim=(0, 1)) if layer is None else weights[layer].mean(dim=0)
+    return {"layer": layer, "shares": [round(float(x), 6) for x in picked]}
+
+
+@app.command("sessions")
+def list_sessions(
+    delete: Annotated[Optional[list[str]], typer.Option("--delete", help="Delete this session. Repeatable.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the list as JSON.")] = False,
+    no_color: Annotated[bool, typer.Option("--no-color", help="No colour or box drawing.")] = False,
+) -> None:
+    """List saved sessions (or delete some with --delete NAME)."""
+    from wmgen import session as sessions
+    from wmgen.settings import state_dir
+
+    state = state_dir(os.environ)
+    if delete:
+        for name in delete:
+            path = sessions.delete(state, name)
+            print(f"wmgen: deleted session '{name}' ({path})", file=sys.stderr)
+        return
+    rows = sessions.listing(state)
+    if as_json:
+        import json
+
+        print(json.dumps(rows, ensure_ascii=False, indent=1))
+        return
+    from wmgen.render import show_sessions
+
+    console, plain = console_for(no_color)
+    show_sessions(rows, console, plain=plain)
 
 
 def main() -> None:

@@ -1,66 +1,17 @@
 """The step loop: sample a token, read it into working memory, repeat. It yields
-events (small frozen dataclasses) and prints nothing; writers turn them into text."""
+events (`wmgen.events`) and prints nothing; writers turn them into text."""
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from time import perf_counter
 
+from wmgen.events import Event, Evicted, Finished, Started, Token
 from wmgen.memory import GENERATED, PROMPT, WorkingMemory
 from wmgen.sampling import choose, logprob, new_generator
 from wmgen.settings import RunSettings, Sampling
 from wmgen.tokens import TextStream, Tokenizer
-
-
-@dataclass(frozen=True)
-class Started:
-    prompt_tokens: int  # tokens in the prompt
-    dropped: int  # prompt tokens that did not fit and were never read
-    fill: int  # tokens in memory after reading the prompt
-    seed: int  # the seed used (drawn at random when none was given)
-
-
-@dataclass(frozen=True)
-class Evicted:
-    dropped: int  # tokens evicted
-    recomputed: int  # tokens whose keys/values were recomputed
-    fill: int
-
-
-@dataclass(frozen=True)
-class Token:
-    index: int  # 0 for the first generated token
-    id: int
-    text: str  # the exact new piece of text (may be empty while bytes or a stop text wait)
-    logprob: float  # the model's log-probability of the token
-    fill: int
-    evicted: int  # tokens evicted by this step
-
-
-@dataclass(frozen=True)
-class Finished:
-    reason: str  # "length", "eos", "stop"
-    text: str  # text held back until the end (a last partial character, a stop-text prefix)
-    prompt_tokens: int
-    generated: int
-    prefill_s: float  # reading the prompt
-    first_token_s: float  # from the start of generation to the first token
-    elapsed_s: float
-    evictions: int
-    evicted: int
-    recomputed: int
-    fill: int
-    capacity: int
-
-    @property
-    def tokens_per_s(self) -> float:
-        decode = self.elapsed_s - self.prefill_s
-        return self.generated / decode if decode > 0 else 0.0
-
-
-Event = Started | Evicted | Token | Finished
 
 
 class StopText:
@@ -108,12 +59,13 @@ def generate(
     sampling: Sampling,
     *,
     eos_id: int | None = None,
+    origin: str = PROMPT,
 ) -> Iterator[Event]:
     """Read the prompt into `memory`, then generate up to `run.max_new_tokens`."""
     t0 = perf_counter()
     seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
     generator = new_generator(seed, memory.model.device)
-    logits, dropped = memory.read(prompt_ids, origin=PROMPT)
+    logits, dropped = memory.read(prompt_ids, origin=origin)
     prefill_s = perf_counter() - t0
     yield Started(prompt_tokens=len(prompt_ids), dropped=dropped, fill=memory.fill, seed=seed)
 

@@ -11,42 +11,15 @@ next token(s). Between evictions a token costs one incremental step.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
-from wmgen.errors import UsageError
 from wmgen.gpt2 import GPT2
-from wmgen.settings import MemorySettings
+from wmgen.window import check_shape, default_evict, describe, fit, resolve_shape  # noqa: F401  (the memory's rules)
 
 PROMPT, GENERATED, CONTINUED = "prompt", "generated", "continued"
-
-
-def default_evict(capacity: int, keep: int) -> int:
-    """A quarter of the rolling part: measured, the recompute then costs ~10% of
-    decode time at capacity 1024 while every token keeps >= 3/4 of the window."""
-    return max(1, (capacity - keep) // 4)
-
-
-def resolve_shape(s: MemorySettings, limit: int, prompt_tokens: int) -> tuple[int, int, int]:
-    """`(capacity, keep, evict)` from settings, checked against the model's limit."""
-    capacity = limit if s.capacity is None else s.capacity
-    keep = prompt_tokens if s.keep == "prompt" else s.keep
-    evict = default_evict(capacity, keep) if s.evict is None else s.evict
-    check_shape(capacity, keep, evict, limit)
-    return capacity, keep, evict
-
-
-def check_shape(capacity: int, keep: int, evict: int, limit: int) -> None:
-    if not 2 <= capacity <= limit:
-        raise UsageError(f"--capacity {capacity} is outside 2..{limit} (the model's n_positions); pick a value in range")
-    if not 0 <= keep < capacity:
-        raise UsageError(
-            f"--keep {keep} leaves no room to roll in --capacity {capacity}; pin fewer tokens or raise the capacity"
-        )
-    if not 1 <= evict <= capacity - keep:
-        raise UsageError(f"--evict {evict} must be between 1 and capacity - keep = {capacity - keep}")
 
 
 @dataclass
@@ -128,7 +101,7 @@ class WorkingMemory:
         as a block: the oldest unpinned tokens, first from memory, then from the
         prompt (its pinned head, if any, stays)."""
         ids = list(ids)
-        if not ids:
+        if not ids and not self.tokens:
             raise ValueError("read needs at least one token")
         before = self.fill
         dropped = max(0, before + len(ids) - self.capacity)
@@ -153,14 +126,37 @@ class WorkingMemory:
         self.counters.seen += len(ids) - unread
         return self._forward(1)[-1], unread
 
-    def restore(self, ids: Sequence[int], origins: Sequence[str], logprobs: Sequence[float | None]) -> None:
-        """Put tokens back (from a session) without running the model; the next
-        `feed` computes their keys and values with its own tokens."""
-        if len(ids) > self.capacity:
-            raise ValueError("restored tokens exceed capacity")
-        self.tokens, self.origins, self.logprobs = list(ids), list(origins), list(logprobs)
+    def restore(self, snapshot: dict) -> int:
+        """Put a snapshot's tokens back without running the model (the next pass
+        computes their keys and values with its own tokens, in one batch). Tokens that
+        do not fit this memory are dropped like a prompt's; returns how many."""
+        slots = snapshot["slots"]
+        ids, dropped = fit(range(len(slots)), self.capacity, self.keep)
+        self.tokens = [slots[i]["token"] for i in ids]
+        self.origins = [slots[i]["origin"] for i in ids]
+        self.logprobs = [slots[i].get("logprob") for i in ids]
+        self.counters = Counters(**snapshot.get("counters", {}))
         self.valid = 0
         self._seen_at_forward = self.counters.seen
+        return dropped
+
+    def snapshot(self, token_text=None, **about) -> dict:
+        """The memory as plain data; see `wmgen.window.describe`."""
+        return describe(
+            self.tokens, self.origins, self.logprobs,
+            capacity=self.capacity, keep=self.keep, evict=self.evict, counters=asdict(self.counters),
+            kv_bytes_per_token=self.store.nbytes // self.capacity, token_text=token_text, **about,
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def attention(self) -> Tensor:
+        """How the last slot's query (the one that predicts the next token) spreads
+        its attention over the slots: `[layers, heads, fill]`, rows summing to 1."""
+        per_layer: list[Tensor] = []
+        ids = torch.tensor([self.tokens], device=self.model.device)
+        self.model.forward(ids, 0, self.store, attention_out=per_layer)
+        self.valid = self.fill
+        return torch.stack(per_layer)[:, 0]
 
     def _evict(self) -> None:
         drop = min(self.evict, self.fill - self.keep)
@@ -175,7 +171,7 @@ class WorkingMemory:
     def _forward(self, last: int) -> Tensor:
         """Compute keys/values for every slot from `valid` on (stale ones again,
         new ones for the first time); the float32 logits of the last `last` slots."""
-        start = self.valid
+        start = min(self.valid, self.fill - last)  # the logits wanted need their slots run
         fresh = self.counters.seen - self._seen_at_forward
         self.counters.recomputed += self.fill - start - fresh
         self._seen_at_forward = self.counters.seen

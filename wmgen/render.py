@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from wmgen.generation import Event, Finished, Started, Token
+from wmgen.events import Event, Finished, Started, Token
 
 
 class PipeClosed(Exception):
@@ -46,3 +46,114 @@ def stats_line(f: Finished) -> str:
         f"evictions {f.evictions} ({f.evicted} evicted, {f.recomputed} recomputed) · "
         f"fill {f.fill}/{f.capacity} · stop: {f.reason}"
     )
+
+
+# --- inspect-memory views ------------------------------------------------------
+
+VISIBLE = str.maketrans({" ": "·", "\n": "↵", "\t": "→", "\r": "␍"})
+
+
+def visible(text: str) -> str:
+    """Token text with whitespace made visible."""
+    return text.translate(VISIBLE)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def fill_bar(fill: int, capacity: int, width: int = 30) -> str:
+    full = round(width * fill / capacity) if capacity else 0
+    return "█" * full + "░" * (width - full)
+
+
+def memory_header(snap: dict) -> list[tuple[str, str]]:
+    c = snap.get("counters", {})
+    pinned = min(snap["keep"], snap["fill"])
+    rows = [
+        ("session", snap.get("name", "(preview)")),
+        ("model", str(snap.get("model", "?"))),
+        ("fill", f"{fill_bar(snap['fill'], snap['capacity'])} {snap['fill']}/{snap['capacity']} tokens"),
+        ("pinned", f"{pinned} (keep {snap['keep']})"),
+        ("evict", f"{snap['evict']} tokens at a time"),
+        ("evictions", f"{c.get('evictions', 0)} ({c.get('evicted', 0)} tokens evicted, {c.get('recomputed', 0)} recomputed)"),
+        ("tokens seen", str(c.get("seen", snap["fill"]))),
+        ("kv held", f"{human_bytes(snap['kv_bytes'])} ({human_bytes(snap['kv_bytes_per_token'])} per token)"),
+    ]
+    if "prompt_tokens" in snap:
+        rows.append(("prompt", f"{snap['prompt_tokens']} tokens, {snap.get('dropped', 0)} dropped to fit"))
+    if snap.get("saved_at"):
+        rows.append(("saved", snap["saved_at"]))
+    return rows
+
+
+def select_slots(slots: list[dict], head: int | None, tail: int | None) -> list[dict]:
+    if head is not None:
+        return slots[:head]
+    if tail is not None:
+        return slots[-tail:] if tail else []
+    return slots
+
+
+def attention_bar(share: float, top: float, width: int = 20) -> str:
+    return "█" * max(0, round(width * share / top)) if top > 0 else ""
+
+
+def show_memory(snap: dict, console, *, head: int | None = None, tail: int | None = None, plain: bool = False) -> None:
+    """The header and a table of slots; the pinned region set apart."""
+    from rich import box
+    from rich.table import Table
+
+    header = Table.grid(padding=(0, 2))
+    header.add_column(style="bold" if not plain else "")
+    header.add_column()
+    for k, v in memory_header(snap):
+        header.add_row(k, v)
+    console.print(header)
+
+    attention = snap.get("attention")
+    shares = attention["shares"] if attention else None
+    top = max(shares) if shares else 0.0
+    table = Table(box=None if plain else box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for name, justify in (("slot", "right"), ("pos", "right"), ("id", "right"), ("text", "left"), ("origin", "left"), ("logprob", "right")):
+        table.add_column(name, justify=justify)
+    if shares is not None:
+        where = "all layers" if attention.get("layer") is None else f"layer {attention['layer']}"
+        table.add_column(f"attention ({where})", justify="left")
+    slots = select_slots(snap["slots"], head, tail)
+    for i, s in enumerate(slots):
+        lp = "" if s.get("logprob") is None else f"{s['logprob']:.2f}"
+        row = [str(s["slot"]), str(s["position"]), str(s["token"]), visible(s.get("text", "")), s["origin"] + (" (pinned)" if s.get("pinned") else ""), lp]
+        if shares is not None:
+            share = shares[s["slot"]]
+            row.append(f"{share:6.1%} {attention_bar(share, top)}")
+        style = "cyan" if s.get("pinned") and not plain else None
+        table.add_row(*row, style=style)
+        if s.get("pinned") and i + 1 < len(slots) and not slots[i + 1].get("pinned"):
+            table.add_section()  # the pinned region ends here
+    console.print(table)
+    shown = len(slots)
+    if shown < snap["fill"]:
+        console.print(f"({shown} of {snap['fill']} slots shown)")
+
+
+def show_sessions(rows: list[dict], console, *, plain: bool = False) -> None:
+    from rich import box
+    from rich.table import Table
+
+    if not rows:
+        console.print("no saved sessions")
+        return
+    table = Table(box=None if plain else box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for name in ("name", "model", "fill", "tokens seen", "saved"):
+        table.add_column(name)
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["name"], f"unreadable: {r['error']}", "", "", "")
+        else:
+            table.add_row(r["name"], str(r["model"]), f"{r['fill']}/{r['capacity']}", str(r["seen"]), str(r["saved_at"]))
+    console.print(table)

@@ -1,0 +1,81 @@
+"""The rules of the window, as pure functions (no torch): the memory's shape, its
+defaults, and which tokens of a prompt a memory keeps. Views that need no model use
+these directly; `WorkingMemory` enforces them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from wmgen.errors import UsageError
+from wmgen.settings import MemorySettings
+
+
+def default_evict(capacity: int, keep: int) -> int:
+    """A quarter of the rolling part. Measured (README, "Choosing --evict"): at
+    capacity 1024 the recompute then costs ~10% of decode time, and every token
+    still sees at least 3/4 of the window."""
+    return max(1, (capacity - keep) // 4)
+
+
+def resolve_shape(s: MemorySettings, limit: int, prompt_tokens: int) -> tuple[int, int, int]:
+    """`(capacity, keep, evict)` from settings, checked against the model's limit."""
+    capacity = limit if s.capacity is None else s.capacity
+    keep = prompt_tokens if s.keep == "prompt" else s.keep
+    evict = default_evict(capacity, keep) if s.evict is None else s.evict
+    check_shape(capacity, keep, evict, limit)
+    return capacity, keep, evict
+
+
+def check_shape(capacity: int, keep: int, evict: int, limit: int) -> None:
+    if not 2 <= capacity <= limit:
+        raise UsageError(f"--capacity {capacity} is outside 2..{limit} (the model's n_positions); pick a value in range")
+    if not 0 <= keep < capacity:
+        raise UsageError(
+            f"--keep {keep} leaves no room to roll in --capacity {capacity}; pin fewer tokens or raise the capacity"
+        )
+    if not 1 <= evict <= capacity - keep:
+        raise UsageError(f"--evict {evict} must be between 1 and capacity - keep = {capacity - keep}")
+
+
+def fit(ids: Sequence[int], capacity: int, keep: int) -> tuple[list[int], int]:
+    """The pinned head and the most recent tokens of `ids` that fit `capacity`, and
+    how many were dropped from between them: what reading `ids` into an empty memory
+    keeps."""
+    ids = list(ids)
+    dropped = max(0, len(ids) - capacity)
+    return ids[:keep] + ids[keep + dropped :], dropped
+
+
+def describe(
+    tokens: Sequence[int],
+    origins: Sequence[str],
+    logprobs: Sequence[float | None],
+    *,
+    capacity: int,
+    keep: int,
+    evict: int,
+    counters: dict,
+    kv_bytes_per_token: int,
+    token_text=None,
+    **about,
+) -> dict:
+    """A memory as plain data (the layout of snapshots and session files): shape,
+    counters, and one record per slot, with the token's text when `token_text` is
+    given. `about` (model id, tokenizer fingerprint, sampling settings) is included
+    as given."""
+    slots = [
+        {"slot": i, "position": i, "token": t, "origin": o, "logprob": lp, "pinned": i < keep}
+        | ({"text": token_text(t)} if token_text else {})
+        for i, (t, o, lp) in enumerate(zip(tokens, origins, logprobs))
+    ]
+    return {
+        "capacity": capacity,
+        "keep": keep,
+        "evict": evict,
+        "fill": len(slots),
+        "kv_bytes": kv_bytes_per_token * len(slots),
+        "kv_bytes_per_token": kv_bytes_per_token,
+        "counters": dict(counters),
+        **about,
+        "slots": slots,
+    }
