@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+os.environ["HF_HUB_OFFLINE"] = "1"  # read once when huggingface_hub is imported: set it before
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GPT2_TOKENIZER = SHARED / "tokenizers" / "gpt2"
 WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"

@@ -29,6 +29,18 @@ def hf_all_logits(hf_model, tokens: list[int]) -> torch.Tensor:
         return hf_model(torch.tensor([tokens])).logits[0]
 
 
+def hf_logits_after(hf_model, windows: list[list[int]]) -> torch.Tensor:
+    """`hf_last_logits` for many windows in one batched pass: `[len(windows), V]`.
+
+    Windows are padded on the right; attention is causal, so padding after a
+    window's last token cannot change that token's logits."""
+    longest = max(map(len, windows))
+    batch = torch.tensor([w + [0] * (longest - len(w)) for w in windows])
+    with torch.no_grad():
+        logits = hf_model(batch).logits
+    return logits[torch.arange(len(windows)), torch.tensor([len(w) - 1 for w in windows])]
+
+
 def window_after(stream: list[int], capacity: int, keep: int, evict: int) -> list[int]:
     """The tokens held after reading `stream` one token at a time, in closed form.
 
@@ -153,7 +165,7 @@ def test_greedy_with_ignore_eos_matches_transformers_without_eos_over_many_token
 def test_greedy_with_repetition_penalty_matches_transformers(loaded, hf_model):
     model, tokenizer, _ = loaded
     prompt = tokenizer.encode(PROMPT)
-    n = model.config.n_positions - len(prompt)
+    n = 24
     memory = WorkingMemory(model, model.config.n_positions)
     ours, _, _ = run_generate(
         memory,
@@ -184,12 +196,11 @@ def test_every_step_equals_a_fresh_forward_over_the_window(loaded, hf_model, kee
     memory = WorkingMemory(model, capacity, keep=keep, evict=evict)
     logits, _ = memory.read(prompt)
     assert_logits_equal(logits, hf_last_logits(hf_model, prompt), "after the prompt")
-    stream = list(prompt)
-    for step, token in enumerate(tokens):
-        logits = memory.append(token)
-        stream.append(token)
-        window = window_after(stream, capacity, keep, evict)
-        assert_logits_equal(logits, hf_last_logits(hf_model, window), f"step {step}")
+    steps = [memory.append(token) for token in tokens]
+    windows = [window_after(prompt + tokens[: i + 1], capacity, keep, evict) for i in range(len(tokens))]
+    expected = hf_logits_after(hf_model, windows)
+    for step, logits in enumerate(steps):
+        assert_logits_equal(logits, expected[step], f"step {step}")
     assert memory.counters.evictions > 0, "the run should have gone past capacity"
 
 
@@ -200,10 +211,10 @@ def test_sliding_window_with_evict_1_is_the_last_capacity_tokens(loaded, hf_mode
     stream = random_ids(40, model.config.vocab_size, seed=4)
     memory = WorkingMemory(model, capacity, keep=0, evict=1)
     memory.read(stream[:1])
-    for i in range(1, len(stream)):
-        logits = memory.append(stream[i])
-        context = stream[: i + 1][-capacity:]
-        assert_logits_equal(logits, hf_last_logits(hf_model, context), f"token {i}")
+    steps = [memory.append(token) for token in stream[1:]]
+    expected = hf_logits_after(hf_model, [stream[: i + 1][-capacity:] for i in range(1, len(stream))])
+    for i, logits in enumerate(steps):
+        assert_logits_equal(logits, expected[i], f"token {i + 1}")
 
 
 @pytest.mark.parametrize("keep, evict", [(0, 1), (2, 3), (4, 12)], ids=lambda v: str(v))
@@ -217,9 +228,9 @@ def test_feed_all_logits_equal_per_position_forward_across_evictions(loaded, hf_
     memory.read(prompt)
     logits = memory.feed(ids, all_logits=True)
     assert logits.shape == (len(ids), vocab)
+    expected = hf_logits_after(hf_model, [window_after(prompt + ids[: i + 1], capacity, keep, evict) for i in range(len(ids))])
     for i in range(len(ids)):
-        window = window_after(prompt + ids[: i + 1], capacity, keep, evict)
-        assert_logits_equal(logits[i], hf_last_logits(hf_model, window), f"position {i}")
+        assert_logits_equal(logits[i], expected[i], f"position {i}")
     assert memory.counters.evictions > 0
 
 
@@ -229,9 +240,9 @@ def test_feed_into_an_empty_memory_equals_per_position_forward(loaded, hf_model)
     ids = random_ids(30, model.config.vocab_size, seed=7)
     memory = WorkingMemory(model, capacity, keep=keep, evict=evict)
     logits = memory.feed(ids, all_logits=True)
+    expected = hf_logits_after(hf_model, [window_after(ids[: i + 1], capacity, keep, evict) for i in range(len(ids))])
     for i in range(len(ids)):
-        window = window_after(ids[: i + 1], capacity, keep, evict)
-        assert_logits_equal(logits[i], hf_last_logits(hf_model, window), f"position {i}")
+        assert_logits_equal(logits[i], expected[i], f"position {i}")
     last = memory.feed(ids[:3])
     assert_logits_equal(last, hf_last_logits(hf_model, window_after(ids + ids[:3], capacity, keep, evict)), "last only")
 

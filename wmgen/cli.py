@@ -9,9 +9,13 @@ import stat
 import sys
 from typing import Annotated, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
+
+try:  # typer >= 0.29 raises its own copy of click's exceptions
+    from typer._click import exceptions as click_errors
+except ImportError:  # older typer uses click itself
+    from click import exceptions as click_errors
 
 from wmgen.errors import SessionError, UsageError, WmgenError
 
@@ -33,14 +37,16 @@ def run_guarded(call) -> int:
     try:
         result = call()
         return result if isinstance(result, int) else 0
-    except click.UsageError as e:
+    except click_errors.NoArgsIsHelpError:
+        return 2  # the help was printed; nothing else to say
+    except click_errors.UsageError as e:
         hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
         error(f"{e.format_message()}{hint}")
         return 2
-    except click.ClickException as e:
+    except click_errors.ClickException as e:
         error(e.format_message())
         return e.exit_code
-    except click.Abort:
+    except typer.Abort:
         error("interrupted")
         return 130
     except WmgenError as e:
@@ -107,20 +113,19 @@ def decode_utf8(data: bytes, where: str) -> str:
 
 
 def read_prompt(argument: str | None, file: str | None, *, required: bool = True) -> str:
-    """The prompt: stdin (or -f FILE), then a newline and the argument, if both are given."""
-    parts = []
+    """The prompt: the text of -f FILE or piped stdin (less the one trailing newline
+    echo and editors add), then the argument on a line of its own."""
     if file is not None:
         try:
             with open(file, "rb") as f:
-                parts.append(decode_utf8(f.read(), file))
+                source = decode_utf8(f.read(), file)
         except OSError as e:
             raise UsageError(f"cannot read prompt file {file}: {e.strerror}") from None
-    if file is None or argument == "-":
-        piped = stdin_text()
-        if piped is None and argument in (None, "-") and file is None and required:
+    else:
+        source = stdin_text()
+        if source is None and argument in (None, "-") and required:
             raise UsageError('no prompt: give one as an argument, pipe text on stdin, or use -f FILE (e.g. wmgen generate "Once upon a time")')
-        if piped:
-            parts.append(piped)
+    parts = [source.removesuffix("\n")] if source else []
     if argument not in (None, "-"):
         parts.append(argument)
     return "\n".join(parts)

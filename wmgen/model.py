@@ -56,6 +56,13 @@ def _from_hub(repo_id: str, *, download: bool) -> Path:
     except Exception:
         if not download:
             raise ModelError(f"model '{repo_id}' is not in the local cache; run wmgen generate --model {repo_id} once online") from None
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(
+            f"model '{repo_id}' is not in the local cache and HF_HUB_OFFLINE is set; "
+            "unset it to download the model once, or pass a local folder with --model PATH"
+        )
     try:
         return Path(snapshot_download(repo_id, allow_patterns=CHECKPOINT_FILES))
     except Exception as e:

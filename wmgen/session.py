@@ -46,8 +46,8 @@ def save(state: Path, name: str, snapshot: dict) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock", timeout=30):
-            previous = _peek_created(path)
-            record["created_at"] = previous or record["saved_at"]
+            previous = _existing(path, name)
+            record["created_at"] = previous.get("created_at") or record["saved_at"]
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -66,11 +66,21 @@ def save(state: Path, name: str, snapshot: dict) -> Path:
     return path
 
 
-def _peek_created(path: Path) -> str | None:
+def _existing(path: Path, name: str) -> dict:
+    """The session being replaced, if any. One that cannot be read is not ours to
+    overwrite: the user decides what happens to it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("created_at")
-    except (OSError, ValueError, AttributeError):
-        return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        raise SessionError(
+            f"session '{name}' ({path}) cannot be read, so it was not replaced; "
+            f"move it aside or delete it with: wmgen sessions --delete {name}"
+        )
+    return data
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -188,7 +188,7 @@ def flag_layer(flags: Mapping[str, object]) -> dict:
 def _int(value, where: str, *, auto_ok: bool = False):
     if auto_ok and (value is None or value == "auto"):
         return None
-    if isinstance(value, bool):
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
         raise UsageError(f"{where}: expected a whole number, got {value!r}")
     try:
         return int(value)
