@@ -302,7 +302,7 @@ def console_for(no_color: bool):
     from rich.console import Console
 
     plain = no_color or bool(os.environ.get("NO_COLOR")) or not sys.stdout.isatty()
-    return Console(no_color=plain, highlight=False, soft_wrap=False), plain
+    return Console(color_system=None if plain else "auto", highlight=False, soft_wrap=False), plain
 
 
 @app.command("inspect-memory")
