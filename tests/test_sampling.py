@@ -140,7 +140,7 @@ def test_draws_follow_softmax_of_logits_over_temperature(temperature):
     counts = draws_at(temperature)
     expected = torch.softmax(SMALL_LOGITS.double() / temperature, -1)
     p = chi_square_p_value(counts, expected)
-    assert p > SIGNIFICANCE, f"draws at T={temperature} do not follow softmax(logits/T): p = {p:.2e}, counts {counts.tolist()}"
+    assert p > SIGNIFICANCE, f"draws at T={temperature} are not softmax(logits/T): p = {p:.2e}, {counts.tolist()}"
 
 
 def test_chi_square_check_rejects_a_wrong_temperature():

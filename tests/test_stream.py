@@ -220,9 +220,8 @@ def test_stop_text_cuts_the_stream_at_the_first_stop(pieces, stops):
 def run(loaded, prompt: str, n: int, sampling: Sampling, stop: tuple[str, ...] = ()):
     model, tokenizer, _ = loaded
     memory = WorkingMemory(model, model.config.n_positions)
-    events = list(
-        generate(memory, tokenizer, tokenizer.encode(prompt), RunSettings(max_new_tokens=n, stop=stop, ignore_eos=True), sampling)
-    )
+    settings = RunSettings(max_new_tokens=n, stop=stop, ignore_eos=True)
+    events = list(generate(memory, tokenizer, tokenizer.encode(prompt), settings, sampling))
     tokens = [e for e in events if isinstance(e, Token)]
     finished = events[-1]
     assert isinstance(finished, Finished)
@@ -252,7 +251,8 @@ def test_generation_ends_at_a_stop_text_and_emits_the_text_before_it(loaded):
     assert text == expected
     assert stop not in text
     assert ids == free_ids[: len(ids)]
-    assert stop in tokenizer.decode(ids) and stop not in tokenizer.decode(ids[:-1]), "should stop on the token that completes the stop"
+    assert stop in tokenizer.decode(ids), "generation ended before the stop text was complete"
+    assert stop not in tokenizer.decode(ids[:-1]), "generation went on past the token that completed the stop text"
 
 
 def test_a_stop_prefix_held_at_the_end_of_a_run_is_emitted(loaded):
