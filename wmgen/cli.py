@@ -439,5 +439,147 @@ def list_sessions(
     show_sessions(rows, console, plain=plain)
 
 
+SWEEP_KEYS = ("capacity", "evict", "keep")
+
+
+def parse_sweep(specs: list[str]) -> list[dict[str, int]]:
+    """`["capacity=128,256", "evict=1,64"]` -> every combination, as dicts."""
+    import itertools
+
+    axes: dict[str, list[int]] = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        if not sep or key not in SWEEP_KEYS:
+            raise UsageError(f"--sweep {spec!r}: expected KEY=V1,V2,... with KEY one of {', '.join(SWEEP_KEYS)}")
+        try:
+            axes[key] = [int(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise UsageError(f"--sweep {spec!r}: values must be whole numbers separated by commas") from None
+        if not axes[key]:
+            raise UsageError(f"--sweep {spec!r}: give at least one value")
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+@app.command()
+def perplexity(
+    file: Annotated[str, typer.Argument(help="Text file to score, or - for stdin.", show_default=False)],
+    sweep_rest: Annotated[Optional[list[str]], typer.Argument(help="More KEY=V1,V2 axes for --sweep.", show_default=False)] = None,
+    capacity: Annotated[Optional[int], typer.Option("--capacity", help="Working memory size in tokens. (default: the model's limit)", show_default=False)] = None,
+    keep: Annotated[Optional[int], typer.Option("--keep", help="Pinned tokens at the head of memory. (default: 0)", show_default=False)] = None,
+    evict: Annotated[Optional[int], typer.Option("--evict", help="Tokens dropped per eviction; 1 is the exact sliding window.", show_default=False)] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Score only the first N tokens of the text.", min=2, show_default=False)] = None,
+    sweep: Annotated[Optional[list[str]], typer.Option("--sweep", help="Score a grid of memory shapes: --sweep capacity=128,256 evict=1,64 [keep=0,4].", show_default=False)] = None,
+    plot: Annotated[Optional[str], typer.Option("--plot", help="With --sweep: write a PNG of perplexity against speed.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local folder of a GPT-2 checkpoint. (default: gpt2)", show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps.", show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, float32, bfloat16 or float16.", show_default=False)] = None,
+    config: Annotated[Optional[str], typer.Option("--config", help="A preset name or .toml file.", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No notices or progress on stderr.")] = False,
+) -> None:
+    """Score a text through working memory: perplexity, bits per byte, speed.
+
+    Each token is scored with the log-probability the model gives it from what is
+    in memory just before it; the text is read in batched chunks.
+    """
+    from wmgen.settings import load_settings
+
+    if sweep_rest and not sweep:
+        raise UsageError(f"unexpected arguments {' '.join(sweep_rest)}; only one FILE is scored (grids go after --sweep)")
+    if plot and not sweep:
+        raise UsageError("--plot draws a --sweep; add --sweep capacity=...,... evict=...,...")
+    grid = parse_sweep([*(sweep or []), *(sweep_rest or [])]) if sweep else None
+    flags = dict(capacity=capacity, keep=keep, evict=evict, model=model, device=device, dtype=dtype)
+    settings = load_settings(flags=flags, env=os.environ, config=config)
+    text = read_text_file(file)
+
+    from wmgen.model import load_tokenizer
+    from wmgen.window import resolve_shape
+
+    info, tokenizer = load_tokenizer(settings.model.name)
+    ids = tokenizer.encode(text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise UsageError(f"{file} has {len(ids)} token(s); scoring needs at least 2")
+    if settings.memory.keep == "prompt":
+        raise UsageError("--keep prompt has no meaning for perplexity; give a count")
+    from dataclasses import replace
+
+    shapes = []
+    for point in grid or [{}]:
+        memory_settings = replace(settings.memory, **point)
+        shapes.append(resolve_shape(memory_settings, info.n_positions, 0))
+    model_ = load_with_status(info, settings, quiet)
+
+    from wmgen.memory import WorkingMemory
+    from wmgen.perplexity import looks_untrained, score
+
+    results = []
+    with progress_bar(len(ids) - 1, len(shapes), quiet) as advance:
+        for capacity_, keep_, evict_ in shapes:
+            memory = WorkingMemory(model_, capacity_, keep_, evict_)
+            results.append(score(memory, ids, tokenizer.token_bytes, progress=advance))
+    if looks_untrained(results[0].perplexity, info.vocab_size):
+        notice(f"warning: perplexity {results[0].perplexity:.0f} is about the vocabulary size ({info.vocab_size}): "
+               "this model looks untrained, so these numbers say nothing about quality", quiet)  # fmt: skip
+    if plot:
+        from wmgen.render import plot_sweep
+
+        plot_sweep(results, plot, title=f"{info.name} on {file}")
+        notice(f"wrote {plot}", quiet)
+
+    about = {"model": model_id(settings.model.name), "file": file, "text_tokens": len(ids)}
+    if as_json:
+        import json
+
+        data = [r.as_dict() | about for r in results] if grid else results[0].as_dict() | about
+        print(json.dumps(data, indent=1))
+    else:
+        from wmgen.render import score_table
+
+        print(score_table(results, about))
+
+
+def read_text_file(file: str) -> str:
+    if file == "-":
+        text = stdin_text()
+        if text is None:
+            raise UsageError("no text on stdin: pipe some in, or give a FILE")
+    else:
+        try:
+            with open(file, "rb") as f:
+                text = decode_utf8(f.read(), file)
+        except IsADirectoryError:
+            raise UsageError(f"{file} is a folder; give a text file") from None
+        except OSError as e:
+            raise UsageError(f"cannot read {file}: {e.strerror}") from None
+    if "\x00" in text:
+        raise UsageError(f"{file} looks binary (it contains NUL bytes); give a text file")
+    if not text.strip():
+        raise UsageError(f"{file} is empty; give some text to score")
+    return text
+
+
+def progress_bar(per_run: int, runs: int, quiet: bool):
+    """A context giving `advance(n)`; a rich bar on stderr only when it is a terminal."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bar():
+        if quiet or not sys.stderr.isatty():
+            yield lambda n: None
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        columns = ("scoring", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=True) as p:
+            task = p.add_task("scoring", total=per_run * runs)
+            yield lambda n: p.advance(task, n)
+
+    return bar()
+
+
 def main() -> None:
     app()

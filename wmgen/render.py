@@ -157,3 +157,54 @@ def show_sessions(rows: list[dict], console, *, plain: bool = False) -> None:
         else:
             table.add_row(r["name"], str(r["model"]), f"{r['fill']}/{r['capacity']}", str(r["seen"]), str(r["saved_at"]))
     console.print(table)
+
+
+# --- perplexity ------------------------------------------------------------------
+
+
+def score_table(results, about: dict) -> str:
+    """Plain text: one line of key figures for a single run, a table for a sweep."""
+    if len(results) == 1:
+        r = results[0]
+        return (
+            f"{about['file']}: {r.tokens} tokens scored · perplexity {r.perplexity:.3f} · "
+            f"{r.bits_per_byte:.4f} bits/byte · nll {r.nll:.4f}\n"
+            f"memory: capacity {r.capacity}, keep {r.keep}, evict {r.evict} · {r.evictions} evictions, "
+            f"{r.recomputed} tokens recomputed ({r.recompute_share:.0%}) · {r.seconds:.1f} s, {r.tokens_per_s:.0f} tokens/s"
+        )
+    lines = ["| capacity | keep | evict | perplexity | bits/byte | tokens/s | recompute share |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r.capacity} | {r.keep} | {r.evict} | {r.perplexity:.3f} | {r.bits_per_byte:.4f} | "
+                     f"{r.tokens_per_s:.0f} | {r.recompute_share:.0%} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_sweep(results, path: str, *, title: str) -> None:
+    """A PNG of perplexity against tokens/s, one labelled point per memory shape."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from wmgen.errors import UsageError
+
+        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        ax.scatter(r.tokens_per_s, r.perplexity, color="tab:blue")
+        ax.annotate(f"C={r.capacity} E={r.evict}" + (f" K={r.keep}" if r.keep else ""), (r.tokens_per_s, r.perplexity),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)  # fmt: skip
+    ax.set_xlabel("tokens/s (scoring)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        from wmgen.errors import UsageError
+
+        raise UsageError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
