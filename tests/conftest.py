@@ -73,6 +73,23 @@ def build_checkpoint(folder: Path, *, n_positions: int = 64, n_layer: int = 2, n
     return model
 
 
+# --- CLI result checks shared by the test files ----------------------------------
+
+
+def ok(result) -> str:
+    assert result.exit_code == 0, f"exit {result.exit_code}; stderr: {result.stderr!r}; exception: {result.exception!r}"
+    return result.stdout
+
+
+def one_line_error(result, code: int) -> str:
+    assert result.exit_code == code, f"expected exit {code}, got {result.exit_code}; stderr: {result.stderr!r}"
+    assert "Traceback" not in result.stderr, f"a traceback instead of a one-line error:\n{result.stderr}"
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{result.stderr}"
+    assert result.stdout == "", f"an error run wrote to stdout: {result.stdout!r}"
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-gpt2")

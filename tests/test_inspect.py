@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import ok, one_line_error
 from wmgen.cli import app
 
 runner = CliRunner()
@@ -39,20 +40,6 @@ BOX_DRAWING = range(0x2500, 0x2580)
 
 def invoke(*args: str, input: str | None = None, env: dict | None = None):
     return runner.invoke(app, list(args), input=input, env=env)
-
-
-def ok(result) -> str:
-    assert result.exit_code == 0, f"exit {result.exit_code}; stderr: {result.stderr!r}; exception: {result.exception!r}"
-    return result.stdout
-
-
-def one_line_error(result, code: int) -> str:
-    assert result.exit_code == code, f"expected exit {code}, got {result.exit_code}; stderr: {result.stderr!r}"
-    assert "Traceback" not in result.stderr, f"a traceback instead of a one-line error:\n{result.stderr}"
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{result.stderr}"
-    assert result.stdout == "", f"an error run wrote to stdout: {result.stdout!r}"
-    return lines[0]
 
 
 def assert_plain(text: str, why: str = "") -> None:

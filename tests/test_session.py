@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import ok, one_line_error
 from wmgen import session
 from wmgen.cli import app
 from wmgen.errors import SessionError
@@ -39,20 +40,6 @@ def invoke(*args: str, input: str | None = None):
 
 def generate(tiny_dir: Path, *args: str):
     return invoke("generate", "--model", str(tiny_dir), *args)
-
-
-def ok(result) -> str:
-    assert result.exit_code == 0, f"exit {result.exit_code}; stderr: {result.stderr!r}; exception: {result.exception!r}"
-    return result.stdout
-
-
-def one_line_error(result, code: int) -> str:
-    assert result.exit_code == code, f"expected exit {code}, got {result.exit_code}; stderr: {result.stderr!r}"
-    assert "Traceback" not in result.stderr, f"a traceback instead of a one-line error:\n{result.stderr}"
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{result.stderr}"
-    assert result.stdout == "", f"an error run wrote to stdout: {result.stdout!r}"
-    return lines[0]
 
 
 def home() -> Path:
