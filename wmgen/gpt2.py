@@ -41,14 +41,51 @@ class GPT2Config:
         return self.n_embd // self.n_head
 
 
+def _can_pack() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class Linear:
+    """`x @ W + b` for GPT-2's `[in, out]` (Conv1D) weights, `x` of shape `[N, in]`.
+
+    On the CPU in float32 the weight is repacked once into oneDNN's blocked layout,
+    which a batch-1 step reads ~20% faster than `addmm` reads the plain matrix, and
+    which serves a few batched rows for little more than the cost of one. The packed
+    weight replaces the original: there is still one copy.
+    """
+
+    PACK = _can_pack()
+
+    def __init__(self, weight: Tensor, bias: Tensor):
+        self.bias = bias
+        self.packed = None
+        self.weight = weight
+        if self.PACK and weight.device.type == "cpu" and weight.dtype == torch.float32:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.t(), 1)
+            self.weight = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return torch.addmm(self.bias, x, self.weight)
+
+    def dense(self) -> Tensor:
+        """The weight as an `[in, out]` matrix (for checks, not for speed)."""
+        return self.weight if self.packed is None else self.packed.to_dense().t()
+
+    @property
+    def nbytes(self) -> int:
+        return (self.packed if self.packed is not None else self.weight).nbytes + self.bias.nbytes
+
+
 @dataclass
 class Block:
     ln_1: tuple[Tensor, Tensor]
-    c_attn: tuple[Tensor, Tensor]  # fused query/key/value projection, [E, 3E]
-    c_proj: tuple[Tensor, Tensor]
+    c_attn: Linear  # fused query/key/value projection, E -> 3E
+    c_proj: Linear
     ln_2: tuple[Tensor, Tensor]
-    c_fc: tuple[Tensor, Tensor]
-    mlp_proj: tuple[Tensor, Tensor]
+    c_fc: Linear
+    mlp_proj: Linear
 
 
 class KVStore:
@@ -67,30 +104,43 @@ class KVStore:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
+    def row(self, r: int) -> "KVStore":
+        """Row `r` of a batched store, as a batch-1 store sharing its memory."""
+        view = KVStore.__new__(KVStore)
+        view.keys, view.values = self.keys[:, r : r + 1], self.values[:, r : r + 1]
+        return view
+
 
 class GPT2:
     """The GPT-2 network as functions over its weight tensors."""
 
     def __init__(self, config: GPT2Config, weights: dict[str, Tensor]):
+        """Takes the tensors out of `weights` as it goes (so that repacked ones can be
+        freed at once)."""
         self.config = config
-        w = {name.removeprefix("transformer."): t for name, t in weights.items()}
+        for name in list(weights):
+            weights[name.removeprefix("transformer.")] = weights.pop(name)
+        w = weights
 
         def pair(prefix: str) -> tuple[Tensor, Tensor]:
-            return w[f"{prefix}.weight"], w[f"{prefix}.bias"]
+            return w.pop(f"{prefix}.weight"), w.pop(f"{prefix}.bias")
+
+        def linear(prefix: str) -> Linear:
+            return Linear(*pair(prefix))
 
         # The head stored [E, V]: a batch-1 step reads it ~1.5x faster than [V, E].
         # Token embeddings are its columns, so there is one copy of the matrix.
-        self.head = w["wte.weight"].t().contiguous()
-        self.wpe = w["wpe.weight"]
+        self.head = w.pop("wte.weight").t().contiguous()
+        self.wpe = w.pop("wpe.weight")
         self.ln_f = pair("ln_f")
         self.blocks = [
             Block(
                 ln_1=pair(f"h.{i}.ln_1"),
-                c_attn=pair(f"h.{i}.attn.c_attn"),
-                c_proj=pair(f"h.{i}.attn.c_proj"),
+                c_attn=linear(f"h.{i}.attn.c_attn"),
+                c_proj=linear(f"h.{i}.attn.c_proj"),
                 ln_2=pair(f"h.{i}.ln_2"),
-                c_fc=pair(f"h.{i}.mlp.c_fc"),
-                mlp_proj=pair(f"h.{i}.mlp.c_proj"),
+                c_fc=linear(f"h.{i}.mlp.c_fc"),
+                mlp_proj=linear(f"h.{i}.mlp.c_proj"),
             )
             for i in range(config.n_layer)
         ]
@@ -107,13 +157,11 @@ class GPT2:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors())
-
-    def tensors(self) -> list[Tensor]:
-        out = [self.head, self.wpe, *self.ln_f]
+        """Bytes of weights held."""
+        total = sum(t.nbytes for t in (self.head, self.wpe, *self.ln_f))
         for b in self.blocks:
-            out += [*b.ln_1, *b.c_attn, *b.c_proj, *b.ln_2, *b.c_fc, *b.mlp_proj]
-        return out
+            total += sum(t.nbytes for t in (*b.ln_1, *b.ln_2)) + sum(m.nbytes for m in (b.c_attn, b.c_proj, b.c_fc, b.mlp_proj))
+        return total
 
     def new_store(self, slots: int, batch: int = 1) -> KVStore:
         return KVStore(self.config, slots, batch=batch, dtype=self.dtype, device=self.device)
@@ -148,7 +196,7 @@ class GPT2:
         eps = cfg.layer_norm_epsilon
         for layer, b in enumerate(self.blocks):
             h = F.layer_norm(x, (E,), *b.ln_1, eps)
-            qkv = torch.addmm(b.c_attn[1], h.view(B * T, E), b.c_attn[0])
+            qkv = b.c_attn(h.view(B * T, E))
             q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
             keys = store.keys[layer]
             values = store.values[layer]
@@ -159,10 +207,31 @@ class GPT2:
                 attention_out.append(last_query_attention(q, k_all, attn_mask, self.scale))
             a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask, is_causal=causal)
             a = a.transpose(1, 2).reshape(B * T, E)
-            x = x + torch.addmm(b.c_proj[1], a, b.c_proj[0]).view(B, T, E)
+            x = x + b.c_proj(a).view(B, T, E)
             h = F.layer_norm(x, (E,), *b.ln_2, eps)
-            h = self.activation(torch.addmm(b.c_fc[1], h.view(B * T, E), b.c_fc[0]))
-            x = x + torch.addmm(b.mlp_proj[1], h, b.mlp_proj[0]).view(B, T, E)
+            x = x + b.mlp_proj(self.activation(b.c_fc(h.view(B * T, E)))).view(B, T, E)
+        return F.layer_norm(x, (E,), *self.ln_f, eps)
+
+    def decode_rows(self, ids: Tensor, slots: Tensor, positions: Tensor, store: KVStore, width: int) -> Tensor:
+        """One token per row of a batched store: row r's token goes to slot
+        `slots[r]` at position `positions[r]` and attends to its slots
+        `0..slots[r]` (of the first `width`). Hidden states `[B, E]`."""
+        cfg = self.config
+        B, H, D, E = ids.shape[0], cfg.n_head, cfg.head_dim, cfg.n_embd
+        x = self.head[:, ids].t() + self.wpe[positions]
+        seen = (torch.arange(width, device=self.device)[None, :] <= slots[:, None])[:, None, None, :]
+        rows = torch.arange(B, device=self.device)
+        eps = cfg.layer_norm_epsilon
+        for layer, b in enumerate(self.blocks):
+            h = F.layer_norm(x, (E,), *b.ln_1, eps)
+            q, k, v = b.c_attn(h).view(B, 3, H, D).unbind(1)
+            keys, values = store.keys[layer], store.values[layer]
+            keys[rows, :, slots] = k
+            values[rows, :, slots] = v
+            a = F.scaled_dot_product_attention(q[:, :, None], keys[:, :, :width], values[:, :, :width], attn_mask=seen)
+            x = x + b.c_proj(a.reshape(B, E))
+            h = F.layer_norm(x, (E,), *b.ln_2, eps)
+            x = x + b.mlp_proj(self.activation(b.c_fc(h)))
         return F.layer_norm(x, (E,), *self.ln_f, eps)
 
     def logits(self, hidden: Tensor) -> Tensor:

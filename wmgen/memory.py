@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from wmgen.gpt2 import GPT2
+from wmgen.gpt2 import GPT2, KVStore
 from wmgen.window import check_shape, default_evict, describe, fit, resolve_shape  # noqa: F401  (the memory's rules)
 
 PROMPT, GENERATED, CONTINUED = "prompt", "generated", "continued"
@@ -31,12 +31,12 @@ class Counters:
 
 
 class WorkingMemory:
-    def __init__(self, model: GPT2, capacity: int, keep: int = 0, evict: int | None = None):
+    def __init__(self, model: GPT2, capacity: int, keep: int = 0, evict: int | None = None, *, store: KVStore | None = None):
         evict = default_evict(capacity, keep) if evict is None else evict
         check_shape(capacity, keep, evict, model.config.n_positions)
         self.model = model
         self.capacity, self.keep, self.evict = capacity, keep, evict
-        self.store = model.new_store(capacity)  # allocated once; steps write in place
+        self.store = store or model.new_store(capacity)  # allocated once; steps write in place
         self.tokens: list[int] = []
         self.origins: list[str] = []
         self.logprobs: list[float | None] = []
@@ -52,9 +52,14 @@ class WorkingMemory:
         return len(self.tokens)
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        c = self.model.config
+        return 2 * c.n_layer * c.n_embd * self.model.dtype.itemsize
+
+    @property
     def kv_bytes(self) -> int:
         """Bytes of keys and values held for the tokens in memory."""
-        return self.store.nbytes * self.fill // self.capacity
+        return self.kv_bytes_per_token * self.fill
 
     def append(self, token: int, *, origin: str = GENERATED, logprob: float | None = None, compute: bool = True):
         """Read one token; the logits `[V]` for the token after it (None without `compute`)."""
@@ -145,7 +150,7 @@ class WorkingMemory:
         return describe(
             self.tokens, self.origins, self.logprobs,
             capacity=self.capacity, keep=self.keep, evict=self.evict, counters=asdict(self.counters),
-            kv_bytes_per_token=self.store.nbytes // self.capacity, token_text=token_text, **about,
+            kv_bytes_per_token=self.kv_bytes_per_token, token_text=token_text, **about,
         )  # fmt: skip
 
     @torch.inference_mode()
@@ -157,6 +162,11 @@ class WorkingMemory:
         self.model.forward(ids, 0, self.store, attention_out=per_layer)
         self.valid = self.fill
         return torch.stack(per_layer)[:, 0]
+
+    def mark_computed(self) -> None:
+        """Every slot's keys and values are current (a batched step computed them)."""
+        self.valid = self.fill
+        self._seen_at_forward = self.counters.seen
 
     def _evict(self) -> None:
         drop = min(self.evict, self.fill - self.keep)
@@ -179,3 +189,52 @@ class WorkingMemory:
         hidden = self.model.forward(ids, start, self.store)
         self.valid = self.fill
         return self.model.logits(hidden[0, -last:]).float()
+
+
+class MemoryBatch:
+    """Working memories that share one key/value store, a row each, so that a step
+    for all of them is one batched forward pass (the weights are read once for all
+    rows). Each row is a full `WorkingMemory`: prompts, evictions and recomputes run
+    row by row; only the plain incremental steps are batched. The store has one slot
+    beyond `capacity`, where rows that sit a batched step out write harmlessly."""
+
+    def __init__(self, model: GPT2, rows: int, capacity: int, keep: int = 0, evict: int | None = None):
+        self.model = model
+        self.store = model.new_store(capacity + 1, batch=rows)
+        self.rows = [WorkingMemory(model, capacity, keep, evict, store=self.store.row(r)) for r in range(rows)]
+
+    def append(self, tokens: Sequence[int | None], logprobs: Sequence[float | None], *, compute: bool = True) -> Tensor:
+        """Read `tokens[r]` into row r (None: row r sits out). The logits `[rows, V]`
+        for each row's next token (rows that sat out get zeros)."""
+        out = torch.zeros(len(self.rows), self.model.config.vocab_size)
+        batched = []
+        for r, (memory, token, lp) in enumerate(zip(self.rows, tokens, logprobs)):
+            if token is None:
+                continue
+            if compute and memory.fill < memory.capacity and memory.valid == memory.fill:
+                memory.feed([token], origin=GENERATED, logprobs=[lp], compute=False)
+                batched.append(r)
+            else:  # an eviction and recompute, or no compute at all: this row alone
+                logits = memory.append(token, logprob=lp, compute=compute)
+                if logits is not None:
+                    out[r] = logits
+        if batched:
+            out[batched] = self._step(batched, tokens)
+        return out
+
+    @torch.inference_mode()
+    def _step(self, batched: list[int], tokens) -> Tensor:
+        spare = self.rows[0].capacity  # the slot past capacity
+        slots = [spare] * len(self.rows)
+        for r in batched:
+            slots[r] = self.rows[r].fill - 1
+        positions = [s if s != spare else 0 for s in slots]
+        ids = [t if t is not None and r in batched else 0 for r, t in enumerate(tokens)]
+        device = self.model.device
+        hidden = self.model.decode_rows(
+            torch.tensor(ids, device=device), torch.tensor(slots, device=device),
+            torch.tensor(positions, device=device), self.store, width=max(slots[r] for r in batched) + 1,
+        )  # fmt: skip
+        for r in batched:
+            self.rows[r].mark_computed()
+        return self.model.logits(hidden[batched]).float().cpu()
