@@ -1,7 +1,7 @@
 """wmgen speed, measured against transformers in the same process.
 
-    python benchmarks/bench.py                 # decode speed + eviction sweep
-    python benchmarks/bench.py --only decode   # one part
+    python benchmarks/bench.py                 # decode speed, batches, eviction sweep
+    python benchmarks/bench.py --only decode   # one part (decode, batch, evict)
 
 Uses a randomly initialised model of the exact `gpt2` shape (GPT2Config() defaults)
 with the real GPT-2 tokenizer from ../shared/tokenizers/gpt2, built once and cached
@@ -55,6 +55,32 @@ def wmgen_run(model, prompt_ids, n: int, capacity: int = 1024, evict: int | None
     return time.perf_counter() - t
 
 
+def batch_run(model, prompts, n: int) -> float:
+    """Seconds to generate `n` tokens for every prompt as one batch."""
+    from wmgen.generation import generate_batch
+    from wmgen.memory import MemoryBatch
+    from wmgen.settings import RunSettings, Sampling
+
+    batch = MemoryBatch(model, len(prompts), 1024)
+    t = time.perf_counter()
+    generate_batch(batch, TOK, prompts, RunSettings(max_new_tokens=n, ignore_eos=True), Sampling(temperature=0), [0] * len(prompts))
+    return time.perf_counter() - t
+
+
+def bench_batch(model, reps: int, n: int = 48) -> list[tuple]:
+    """Total tokens/s of B prompts run as one batch vs the same prompts one by one."""
+    rows = []
+    for size in (1, 4, 8):
+        prompts = [list(range(1000 + 40 * r, 1032 + 40 * r)) for r in range(size)]
+        together, alone = [], []
+        for _ in range(reps):
+            together.append(size * n / batch_run(model, prompts, n))
+            alone.append(size * n / sum(wmgen_run(model, p, n) for p in prompts))
+        mt, ma = statistics.median(together), statistics.median(alone)
+        rows.append((f"{size} prompts × {n} tokens, one batch vs one by one", f"{mt:.1f}", f"{ma:.1f} (wmgen, one by one)", f"{mt / ma:.2f}×"))
+    return rows
+
+
 def hf_run(hf, prompt_ids, n: int) -> float:
     ids = torch.tensor([prompt_ids])
     t = time.perf_counter()
@@ -101,7 +127,7 @@ def table(rows) -> str:
 def main() -> None:
     global TOK
     p = argparse.ArgumentParser()
-    p.add_argument("--only", choices=["decode", "evict"])
+    p.add_argument("--only", choices=["decode", "evict", "batch"])
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
     folder = build_model()
@@ -115,6 +141,8 @@ def main() -> None:
     rows = []
     if args.only in (None, "decode"):
         rows += bench_decode(model, hf, args.reps)
+    if args.only in (None, "batch"):
+        rows += bench_batch(model, args.reps)
     if args.only in (None, "evict"):
         rows += bench_evict(model, max(1, args.reps - 2))
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32, batch 1")

@@ -7,6 +7,7 @@ import io
 import os
 import stat
 import sys
+from dataclasses import dataclass
 from typing import Annotated, Optional
 
 import typer
@@ -19,7 +20,7 @@ except ImportError:  # older typer uses click itself
 
 from wmgen.errors import SessionError, UsageError, WmgenError
 
-EXIT_CODES = """Exit status: 0 success, 1 runtime failure, 2 usage error, 130 interrupted (Ctrl-C)."""
+EXIT_CODES = """Exit status: 0 success (also when a reader closes the pipe), 1 runtime failure, 2 usage error, 130 interrupted by Ctrl-C (SIGINT), 143 terminated (SIGTERM)."""
 
 
 class Group(TyperGroup):
@@ -36,6 +37,8 @@ class Group(TyperGroup):
 def run_guarded(call) -> int:
     try:
         result = call()
+        if result == 130:  # Ctrl-C before generation began (typer turned it into an exit)
+            error("interrupted")
         return result if isinstance(result, int) else 0
     except click_errors.NoArgsIsHelpError:
         return 2  # the help was printed; nothing else to say
@@ -54,15 +57,24 @@ def run_guarded(call) -> int:
         return e.exit_code
     except BrokenPipe:
         return 0
+    except Interrupted as e:
+        return e.code
     except Exception as e:
-        if os.environ.get("WMGEN_DEBUG"):
+        if DEBUG["on"] or os.environ.get("WMGEN_DEBUG"):
             raise
-        error(f"internal error: {type(e).__name__}: {e} (set WMGEN_DEBUG=1 to see the traceback)")
+        error(f"internal error: {type(e).__name__}: {e} (run with --debug or WMGEN_DEBUG=1 to see the traceback)")
         return 1
 
 
 class BrokenPipe(Exception):
     """stdout's reader went away; end quietly with status 0."""
+
+
+class Interrupted(Exception):
+    """A signal stopped the run, which has said so: exit with 128 + the signal."""
+
+    def __init__(self, code: int):
+        self.code = code
 
 
 def error(message: str) -> None:
@@ -83,9 +95,15 @@ app = typer.Typer(
 )
 
 
+DEBUG = {"on": False}
+
+
 @app.callback()
-def root() -> None:
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error (also WMGEN_DEBUG=1).")] = False,
+) -> None:
     """Generate text with GPT-2 through a bounded, inspectable working memory."""
+    DEBUG["on"] = debug
 
 
 def stdin_text() -> str | None:
@@ -157,6 +175,12 @@ def generate(
     session: Annotated[Optional[str], typer.Option("--session", "-s", help="Save the final memory as this session (default: 'last').", show_default=False)] = None,
     continue_: Annotated[bool, typer.Option("-c", "--continue", help="Continue from the saved memory of the session, and save back to it.")] = False,
     no_save: Annotated[bool, typer.Option("--no-save", help="Do not save the final memory.")] = False,
+    format_: Annotated[str, typer.Option("--format", help="text, jsonl (one event per line, as it happens) or json (one object at the end).")] = "text",
+    each_line: Annotated[bool, typer.Option("--each-line", help="One prompt per input line (stdin or -f FILE), run as a batch; results in input order.")] = False,
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Draw N continuations of the prompt, as one batch.", min=1)] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows run together at most (--each-line, --num-samples).", min=1)] = 8,
+    separator: Annotated[str, typer.Option("--separator", help="With --format text and several results: the line printed after each.")] = "---",
+    no_color: Annotated[bool, typer.Option("--no-color", help="No colour on stderr (also NO_COLOR).")] = False,
 ) -> None:
     """Stream a continuation of the prompt to stdout.
 
@@ -173,6 +197,8 @@ def generate(
     )  # fmt: skip
     state = state_dir(os.environ)
     name = sessions.check_name(session or "last")
+    if continue_ and (each_line or num_samples > 1):
+        raise UsageError("--continue goes with a single prompt, not --each-line or --num-samples")
     previous = None
     if continue_:
         previous = sessions.load(state, name)
@@ -180,16 +206,79 @@ def generate(
         kept = {"model": previous.get("model"), "capacity": previous["capacity"], "keep": previous["keep"], "evict": previous["evict"]}
         flags = {k: (v if v is not None else kept.get(k)) for k, v in flags.items()}
     settings = load_settings(flags=flags, env=os.environ, config=config)
+    if format_ not in FORMATS:
+        raise UsageError(f"--format {format_!r} is not one of {', '.join(FORMATS)}")
+    out = Output(format_, echo=echo, stats=stats, quiet=quiet, color=not no_color and not os.environ.get("NO_COLOR"))
+    if each_line or num_samples > 1:
+        prompts = read_prompts(prompt, file, each_line=each_line, samples=num_samples)
+        run_many(settings, prompts, out, from_scratch=from_scratch, batch_size=batch_size, separator=separator)
+        return
     text = read_prompt(prompt, file, required=previous is None)
     if not text and not from_scratch and previous is None:
         raise UsageError("the prompt is empty; give some text, or --from-scratch to start from <|endoftext|>")
-    run_generate(
-        settings, text, previous=previous, save_to=None if no_save else (state, name),
-        from_scratch=from_scratch, echo=echo, stats=stats, quiet=quiet,
-    )  # fmt: skip
+    run_generate(settings, text, out, previous=previous, save_to=None if no_save else (state, name), from_scratch=from_scratch)
 
 
-def run_generate(settings, text: str, *, previous, save_to, from_scratch: bool, echo: bool, stats: bool, quiet: bool) -> None:
+FORMATS = ("text", "jsonl", "json")
+
+
+@dataclass(frozen=True)
+class Output:
+    """How a run reports: the stdout format and what goes to stderr."""
+
+    format: str = "text"
+    echo: bool = False
+    stats: bool = False
+    quiet: bool = False
+    color: bool = True
+
+
+class Signals:
+    """SIGINT and SIGTERM ask generation to stop between tokens (it then flushes,
+    saves and exits with 128 + the signal); a second one exits at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def __enter__(self) -> "Signals":
+        import signal
+
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signum
+
+    def stop_requested(self) -> bool:
+        return self.received is not None
+
+    def exit_if_received(self, quiet: bool) -> None:
+        if self.received is not None:
+            import signal
+
+            notice(f"interrupted ({signal.Signals(self.received).name}); what was generated is kept", quiet)
+            raise Interrupted(128 + self.received)
+
+
+def make_writer(out: Output, text: str, about: dict):
+    from wmgen.render import JsonlWriter, JsonWriter, TextWriter
+
+    if out.format == "jsonl":
+        return JsonlWriter(sys.stdout, about=about)
+    if out.format == "json":
+        return JsonWriter(sys.stdout, prompt=text, about=about)
+    return TextWriter(sys.stdout, echo_text=text if out.echo else None)
+
+
+def run_generate(settings, text: str, out: Output, *, previous, save_to, from_scratch: bool) -> None:
     from wmgen.model import load_tokenizer
 
     info, tokenizer = load_tokenizer(settings.model.name)
@@ -202,41 +291,125 @@ def run_generate(settings, text: str, *, previous, save_to, from_scratch: bool, 
     from wmgen.memory import CONTINUED, PROMPT, WorkingMemory, resolve_shape
 
     capacity, keep, evict = resolve_shape(settings.memory, info.n_positions, len(prompt_ids))
-    model = load_with_status(info, settings, quiet)
+    model = load_with_status(info, settings, out.quiet, out.color)
     memory = WorkingMemory(model, capacity, keep, evict)
     if previous is not None and (lost := memory.restore(previous)):
-        notice(f"the session held {previous['fill']} tokens; --capacity {capacity} keeps {previous['fill'] - lost}", quiet)
+        notice(f"the session held {previous['fill']} tokens; --capacity {capacity} keeps {previous['fill'] - lost}", out.quiet)
 
     from wmgen.events import Finished, Started
     from wmgen.generation import generate
-    from wmgen.render import PipeClosed, TextWriter, stats_line
+    from wmgen.render import PipeClosed, stats_line
+    from wmgen.settings import as_dict
 
-    writer = TextWriter(sys.stdout, echo_text=text if echo else None)
-    eos = model.config.eos_token_id
+    about = {"model": model_id(settings.model.name), "settings": as_dict(settings)}
+    writer = make_writer(out, text, about)
     origin = CONTINUED if previous is not None else PROMPT
-    try:
-        for event in generate(memory, tokenizer, prompt_ids, settings.run, settings.sampling, eos_id=eos, origin=origin):
-            if isinstance(event, Started):
-                settings = with_seed(settings, event.seed)  # saved, so a run can be repeated
-            if isinstance(event, Started) and event.dropped:
-                notice(f"the prompt has {event.prompt_tokens} tokens; memory holds {capacity}: "
-                       f"{event.dropped} tokens before the last {capacity - keep} were dropped", quiet)  # fmt: skip
-            writer.write(event)
-            if isinstance(event, Finished):
-                if writer.wrote_any and sys.stdout.isatty():
-                    print()  # leave the shell prompt on a line of its own
-                if stats:
-                    print(stats_line(event), file=sys.stderr)
-    except PipeClosed:
-        quiet_stdout()
-        save_memory(save_to, memory, tokenizer, settings, quiet=True)
-        raise BrokenPipe from None
-    except KeyboardInterrupt:
-        sys.stdout.flush()
-        save_memory(save_to, memory, tokenizer, settings, quiet)
-        notice("interrupted", quiet)
-        raise typer.Exit(130) from None
-    save_memory(save_to, memory, tokenizer, settings, quiet)
+    with Signals() as signals:
+        events = generate(memory, tokenizer, prompt_ids, settings.run, settings.sampling,
+                          eos_id=model.config.eos_token_id, origin=origin, should_stop=signals.stop_requested)  # fmt: skip
+        try:
+            for event in events:
+                if isinstance(event, Started):
+                    settings = with_seed(settings, event.seed)  # saved, so a run can be repeated
+                    if event.dropped:
+                        notice(f"the prompt has {event.prompt_tokens} tokens; memory holds {capacity}: "
+                               f"{event.dropped} tokens before the last {capacity - keep} were dropped", out.quiet)  # fmt: skip
+                writer.write(event)
+                if isinstance(event, Finished):
+                    if out.format == "text" and writer.wrote_any and sys.stdout.isatty():
+                        print()  # leave the shell prompt on a line of its own
+                    if out.stats:
+                        print(stats_line(event), file=sys.stderr)
+        except PipeClosed:
+            quiet_stdout()
+            save_memory(save_to, memory, tokenizer, settings, quiet=True)
+            raise BrokenPipe from None
+        save_memory(save_to, memory, tokenizer, settings, out.quiet)
+        signals.exit_if_received(out.quiet)
+
+
+def read_prompts(argument: str | None, file: str | None, *, each_line: bool, samples: int) -> list[tuple[int | None, int | None, str]]:
+    """(line number, sample number, prompt) for every row of a batched run."""
+    if not each_line:
+        text = read_prompt(argument, file)
+        if not text:
+            raise UsageError("the prompt is empty; give some text to sample from")
+        return [(None, i, text) for i in range(samples)]
+    if file is not None:
+        source = read_prompt(None, file)
+    else:
+        source = stdin_text()
+        if source is None:
+            raise UsageError("--each-line reads one prompt per line from stdin or -f FILE; neither has any")
+    suffix = argument if argument not in (None, "-") else None
+    rows = [
+        (number, sample if samples > 1 else None, line + ("\n" + suffix if suffix else ""))
+        for number, line in enumerate(source.splitlines(), start=1)
+        if line.strip()
+        for sample in range(samples)
+    ]
+    if not rows:
+        raise UsageError("--each-line found no prompts: every input line is blank")
+    return rows
+
+
+def run_many(settings, prompts, out: Output, *, from_scratch: bool, batch_size: int, separator: str) -> None:
+    """Several prompts (or samples), batch by batch; results in input order."""
+    import secrets
+
+    from wmgen.model import load_tokenizer
+    from wmgen.window import resolve_shape
+
+    info, tokenizer = load_tokenizer(settings.model.name)
+    ids = [([tokenizer.eos_id] if from_scratch else []) + tokenizer.encode(text) for _, _, text in prompts]
+    shapes = [resolve_shape(settings.memory, info.n_positions, len(row)) for row in ids]
+    model = load_with_status(info, settings, out.quiet, out.color)
+
+    from wmgen.generation import generate_batch
+    from wmgen.memory import MemoryBatch
+    from wmgen.render import PipeClosed, put_line, result_record
+
+    base = settings.sampling.seed if settings.sampling.seed is not None else secrets.randbits(62)
+    seeds = [base + (sample or 0) for _, sample, _ in prompts]  # each line as if run alone with --seed
+    records, total, elapsed = [], 0, 0.0
+    with Signals() as signals:
+        try:
+            for start in range(0, len(prompts), batch_size):
+                chunk = range(start, min(start + batch_size, len(prompts)))
+                capacity, _, evict = shapes[start]
+                batch = MemoryBatch(model, len(chunk), capacity, [shapes[i][1] for i in chunk], evict)
+                results = generate_batch(batch, tokenizer, [ids[i] for i in chunk], settings.run, settings.sampling,
+                                         [seeds[i] for i in chunk], eos_id=model.config.eos_token_id,
+                                         should_stop=signals.stop_requested)  # fmt: skip
+                elapsed += results[0].elapsed_s
+                for i, result in zip(chunk, results):
+                    line, sample, text = prompts[i]
+                    total += len(result.tokens)
+                    record = result_record(result, line=line, sample=sample, prompt=text)
+                    if out.format == "jsonl":
+                        put_line(sys.stdout, record)
+                    elif out.format == "json":
+                        records.append(record)
+                    else:
+                        write_text(((text if out.echo else "") + result.text) + "\n" + separator + "\n")
+                if signals.stop_requested():
+                    break
+            if out.format == "json":
+                import json
+
+                write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n")
+        except (PipeClosed, BrokenPipeError):
+            quiet_stdout()
+            raise BrokenPipe from None
+        if out.stats:
+            rate = total / elapsed if elapsed else 0.0
+            print(f"{len(prompts)} prompts · generated {total} tokens · {elapsed:.2f} s · {rate:.1f} tokens/s in all", file=sys.stderr)
+        signals.exit_if_received(out.quiet)
+
+
+def write_text(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def with_seed(settings, seed: int):
@@ -286,10 +459,10 @@ def quiet_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
-def load_with_status(info, settings, quiet: bool):
+def load_with_status(info, settings, quiet: bool, color: bool = True):
     from wmgen.model import load_model
 
-    if quiet or not sys.stderr.isatty():
+    if quiet or not color or not sys.stderr.isatty():  # a spinner is terminal control codes
         return load_model(info, device=settings.model.device, dtype=settings.model.dtype)
     from rich.console import Console
 
@@ -346,7 +519,8 @@ def inspect_memory(
         if layer is not None and layer < 0:
             raise UsageError(f"--layer {layer}: layers are numbered from 0")
         flags = dict(model=model or snap.get("model"), device=device, dtype=dtype)
-        snap["attention"] = attention_shares(snap, load_settings(flags=flags, env=os.environ, config=config), layer)
+        color = not no_color and not os.environ.get("NO_COLOR")
+        snap["attention"] = attention_shares(snap, load_settings(flags=flags, env=os.environ, config=config), layer, color)
     elif layer is not None:
         raise UsageError("--layer goes with --attention")
 
@@ -388,7 +562,7 @@ def preview_prompt(settings, text: str) -> dict:
     return snap | {"name": "(prompt preview)", "prompt_tokens": len(ids), "dropped": dropped}
 
 
-def attention_shares(snap: dict, settings, layer: int | None) -> dict:
+def attention_shares(snap: dict, settings, layer: int | None, color: bool) -> dict:
     """Per slot, the share of attention the last slot's query gives it (mean over heads, and layers)."""
     from wmgen.model import load_tokenizer
 
@@ -403,7 +577,7 @@ def attention_shares(snap: dict, settings, layer: int | None) -> dict:
         raise UsageError(f"the memory holds {len(snap['slots'])} tokens, more than {info.name} can read ({info.n_positions})")
     from wmgen.memory import WorkingMemory
 
-    model = load_with_status(info, settings, quiet=False)
+    model = load_with_status(info, settings, quiet=False, color=color)
     memory = WorkingMemory(model, max(2, len(snap["slots"])), 0, 1)
     memory.restore(snap | {"keep": 0})
     weights = memory.attention()  # [layers, heads, fill]

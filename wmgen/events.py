@@ -52,3 +52,22 @@ class Finished:
 
 
 Event = Started | Evicted | Token | Finished
+
+
+@dataclass(frozen=True)
+class Result:
+    """One finished row of a batched run."""
+
+    row: int
+    prompt_tokens: int
+    dropped: int
+    tokens: tuple[int, ...]  # generated token ids
+    text: str  # the generated text (cut at a stop text)
+    reason: str  # "length", "eos", "stop", "interrupted"
+    seed: int
+    elapsed_s: float  # for the whole batch this row ran in
+    evictions: int
+    evicted: int
+    recomputed: int
+    fill: int
+    capacity: int

@@ -4,11 +4,11 @@ events (`wmgen.events`) and prints nothing; writers turn them into text."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from time import perf_counter
 
-from wmgen.events import Event, Evicted, Finished, Started, Token
-from wmgen.memory import GENERATED, PROMPT, WorkingMemory
+from wmgen.events import Event, Evicted, Finished, Result, Started, Token
+from wmgen.memory import GENERATED, PROMPT, MemoryBatch, WorkingMemory
 from wmgen.sampling import choose, logprob, new_generator
 from wmgen.settings import RunSettings, Sampling
 from wmgen.tokens import TextStream, Tokenizer
@@ -60,8 +60,10 @@ def generate(
     *,
     eos_id: int | None = None,
     origin: str = PROMPT,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> Iterator[Event]:
-    """Read the prompt into `memory`, then generate up to `run.max_new_tokens`."""
+    """Read the prompt into `memory`, then generate up to `run.max_new_tokens`.
+    `should_stop` is asked between tokens (a signal arrived: stop cleanly)."""
     t0 = perf_counter()
     seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
     generator = new_generator(seed, memory.model.device)
@@ -73,6 +75,9 @@ def generate(
     eos = eos_id if eos_id is not None else tokenizer.eos_id
     reason, generated, first_token_s = "length", 0, 0.0
     for index in range(run.max_new_tokens):
+        if should_stop():
+            reason = "interrupted"
+            break
         token = choose(logits, sampling, generator, memory.tokens)
         if token == eos and not run.ignore_eos:
             reason = "eos"
@@ -94,7 +99,7 @@ def generate(
             reason = "stop"
             break
 
-    tail = "" if reason == "stop" else stop.push(stream.close())[0] + stop.rest()
+    tail = "" if reason == "stop" else finish_text(stream, stop)
     c = memory.counters
     yield Finished(
         reason=reason,
@@ -110,3 +115,71 @@ def generate(
         fill=memory.fill,
         capacity=memory.capacity,
     )
+
+
+def finish_text(stream: TextStream, stop: StopText) -> str:
+    """What was held back: a last incomplete character, a prefix of a stop text."""
+    piece, stopped = stop.push(stream.close())
+    return piece if stopped else piece + stop.rest()
+
+
+def generate_batch(
+    batch: MemoryBatch,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    run: RunSettings,
+    sampling: Sampling,
+    seeds: Sequence[int],
+    *,
+    eos_id: int | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> list[Result]:
+    """Generate for every prompt at once, one row of `batch` each. Row r samples with
+    its own generator seeded `seeds[r]`, so each row gives what `generate` gives for
+    that prompt and seed alone."""
+    t0 = perf_counter()
+    rows = batch.rows[: len(prompts)]
+    reads = [memory.read(ids) for memory, ids in zip(rows, prompts)]
+    logits = [lg for lg, _ in reads]
+    generators = [new_generator(seed, batch.model.device) for seed in seeds]
+    streams, stops = [TextStream(tokenizer) for _ in rows], [StopText(run.stop) for _ in rows]
+    eos = eos_id if eos_id is not None else tokenizer.eos_id
+    generated: list[list[int]] = [[] for _ in rows]
+    texts, reasons = ["" for _ in rows], [None for _ in rows]
+    for step in range(run.max_new_tokens):
+        if should_stop():
+            reasons = [r or "interrupted" for r in reasons]
+            break
+        tokens, lps = [None] * len(batch.rows), [None] * len(batch.rows)
+        for r, memory in enumerate(rows):
+            if reasons[r] is not None:
+                continue
+            token = choose(logits[r], sampling, generators[r], memory.tokens)
+            if token == eos and not run.ignore_eos:
+                reasons[r] = "eos"
+                continue
+            tokens[r], lps[r] = token, logprob(logits[r], token)
+        if all(t is None for t in tokens):
+            break
+        last = step == run.max_new_tokens - 1
+        logits = batch.append(tokens, lps, compute=not last)
+        for r, token in enumerate(tokens[: len(rows)]):
+            if token is None:
+                continue
+            generated[r].append(token)
+            piece, stopped = stops[r].push(streams[r].push(token))
+            texts[r] += piece
+            if stopped:
+                reasons[r] = "stop"
+    elapsed = perf_counter() - t0
+    results = []
+    for r, memory in enumerate(rows):
+        if reasons[r] != "stop":
+            texts[r] += finish_text(streams[r], stops[r])
+        c = memory.counters
+        results.append(Result(
+            row=r, prompt_tokens=len(prompts[r]), dropped=reads[r][1], tokens=tuple(generated[r]), text=texts[r],
+            reason=reasons[r] or "length", seed=seeds[r], elapsed_s=elapsed, evictions=c.evictions,
+            evicted=c.evicted, recomputed=c.recomputed, fill=memory.fill, capacity=memory.capacity,
+        ))  # fmt: skip
+    return results

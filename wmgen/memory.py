@@ -198,10 +198,11 @@ class MemoryBatch:
     row by row; only the plain incremental steps are batched. The store has one slot
     beyond `capacity`, where rows that sit a batched step out write harmlessly."""
 
-    def __init__(self, model: GPT2, rows: int, capacity: int, keep: int = 0, evict: int | None = None):
+    def __init__(self, model: GPT2, rows: int, capacity: int, keep: int | Sequence[int] = 0, evict: int | None = None):
         self.model = model
         self.store = model.new_store(capacity + 1, batch=rows)
-        self.rows = [WorkingMemory(model, capacity, keep, evict, store=self.store.row(r)) for r in range(rows)]
+        keeps = [keep] * rows if isinstance(keep, int) else list(keep)
+        self.rows = [WorkingMemory(model, capacity, keeps[r], evict, store=self.store.row(r)) for r in range(rows)]
 
     def append(self, tokens: Sequence[int | None], logprobs: Sequence[float | None], *, compute: bool = True) -> Tensor:
         """Read `tokens[r]` into row r (None: row r sits out). The logits `[rows, V]`

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from wmgen.events import Event, Finished, Started, Token
+import json
+from dataclasses import asdict
+
+from wmgen.events import Event, Evicted, Finished, Result, Started, Token
 
 
 class PipeClosed(Exception):
@@ -37,6 +40,80 @@ class TextWriter:
         except BrokenPipeError:
             raise PipeClosed from None
         self.wrote_any = True
+
+
+def put_line(out: TextIO, obj) -> None:
+    """One JSON document on a line of its own, flushed."""
+    try:
+        out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        out.flush()
+    except BrokenPipeError:
+        raise PipeClosed from None
+
+
+def end_record(f: Finished) -> dict:
+    return asdict(f) | {"tokens_per_s": f.tokens_per_s}
+
+
+class JsonlWriter:
+    """One JSON object per event, one per line, flushed as it happens: `start`,
+    `token` (one per token), `eviction`, `end`."""
+
+    def __init__(self, out: TextIO, *, about: dict):
+        self.out = out
+        self.about = about
+
+    def write(self, event: Event) -> None:
+        if isinstance(event, Started):
+            record = {"type": "start", **self.about, **asdict(event)}
+        elif isinstance(event, Token):
+            record = {"type": "token", **asdict(event)}
+            if not event.evicted:
+                del record["evicted"]
+        elif isinstance(event, Evicted):
+            record = {"type": "eviction", **asdict(event)}
+        else:
+            record = {"type": "end", **end_record(event)}
+        put_line(self.out, record)
+
+
+class JsonWriter:
+    """One JSON object when generation ends: prompt, text, token ids and stats."""
+
+    def __init__(self, out: TextIO, *, prompt: str, about: dict):
+        self.out = out
+        self.record = {"prompt": prompt, **about, "text": "", "tokens": [], "logprobs": []}
+
+    def write(self, event: Event) -> None:
+        if isinstance(event, Started):
+            self.record |= {"prompt_tokens": event.prompt_tokens, "dropped": event.dropped, "seed": event.seed}
+        elif isinstance(event, Token):
+            self.record["text"] += event.text
+            self.record["tokens"].append(event.id)
+            self.record["logprobs"].append(event.logprob)
+        elif isinstance(event, Finished):
+            self.record["text"] += event.text
+            self.record["stats"] = {k: v for k, v in end_record(event).items() if k != "text"}
+            try:
+                self.out.write(json.dumps(self.record, ensure_ascii=False, indent=1) + "\n")
+                self.out.flush()
+            except BrokenPipeError:
+                raise PipeClosed from None
+
+
+def result_record(result: Result, *, line: int | None, sample: int | None, prompt: str) -> dict:
+    """One prompt's result in a batched run, as plain data."""
+    record = {"type": "result"}
+    if line is not None:
+        record["line"] = line
+    if sample is not None:
+        record["sample"] = sample
+    record |= {"prompt": prompt, "text": result.text, "tokens": list(result.tokens), "reason": result.reason}
+    stats = asdict(result)
+    for key in ("row", "tokens", "text", "reason"):
+        del stats[key]
+    stats["generated"] = len(result.tokens)
+    return record | {"stats": stats}
 
 
 def stats_line(f: Finished) -> str:
