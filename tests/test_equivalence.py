@@ -344,3 +344,47 @@ def test_generating_five_times_capacity_stays_bounded_in_the_same_kv_store(loade
     logits = memory.append(tokens[-1])
     expected = window_after(prompt + tokens + [tokens[-1]], capacity, keep, evict)
     assert_logits_equal(logits, hf_last_logits(hf_model, expected), "after 5x capacity")
+
+
+def test_the_plain_matrix_path_gives_the_logits_of_transformers(tiny_dir, hf_model, monkeypatch):
+    """Where oneDNN packing is not used (GPU, bfloat16, builds without it), projections
+    run as `addmm` on the checkpoint's own matrices: the same contract holds."""
+    from wmgen.gpt2 import Linear
+    from wmgen.model import load_model, load_tokenizer
+
+    monkeypatch.setattr(Linear, "PACK", False)
+    info, tokenizer = load_tokenizer(str(tiny_dir))
+    model = load_model(info, device="cpu", dtype="float32")
+    assert all(b.c_attn.packed is None for b in model.blocks)
+    ids = tokenizer.encode("The lighthouse keeper climbed the stairs every evening.")
+    memory = WorkingMemory(model, 64)
+    logits, _ = memory.read(ids[:4])
+    rows = [logits]
+    for token in ids[4:]:
+        rows.append(memory.append(token))
+    with torch.no_grad():
+        expected = hf_model(torch.tensor([ids])).logits[0, 3:]
+    torch.testing.assert_close(torch.stack(rows), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_rows_each_get_the_logits_they_get_alone(loaded):
+    """MemoryBatch: rows with different prompts, evicting at different steps, each see
+    exactly what a WorkingMemory of their own would."""
+    from wmgen.memory import MemoryBatch
+
+    model, tokenizer, _ = loaded
+    prompts = [tokenizer.encode(t) for t in ("Once", "The lighthouse keeper climbed the stairs", "def fib(n):")]
+    batch = MemoryBatch(model, len(prompts), capacity=16, keep=1, evict=4)
+    alone = [WorkingMemory(model, 16, 1, 4) for _ in prompts]
+    got = [m.read(p)[0] for m, p in zip(batch.rows, prompts)]
+    want = [m.read(p)[0] for m, p in zip(alone, prompts)]
+    for step in range(30):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        tokens = [int(w.argmax()) for w in want]
+        tokens[step % 3] = None if step % 7 == 6 else tokens[step % 3]  # a row sits a step out now and then
+        got = list(batch.append(tokens, [None] * len(tokens)))
+        want = [m.append(t) if t is not None else w for m, t, w in zip(alone, tokens, want)]
+        got = [g if t is not None else w for g, t, w in zip(got, tokens, want)]
+    assert [m.tokens for m in batch.rows] == [m.tokens for m in alone]
+    assert any(m.counters.evictions for m in alone), "the rows must have evicted"

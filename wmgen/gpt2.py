@@ -56,12 +56,12 @@ class Linear:
 
     PACK = _can_pack()
 
-    def __init__(self, weight: Tensor, bias: Tensor):
+    def __init__(self, weight: Tensor, bias: Tensor, *, rows: int = 1):
         self.bias = bias
         self.packed = None
         self.weight = weight
         if self.PACK and weight.device.type == "cpu" and weight.dtype == torch.float32:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.t(), 1)
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.t(), rows)  # rows: a layout hint
             self.weight = None
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -144,6 +144,7 @@ class GPT2:
             )
             for i in range(config.n_layer)
         ]
+        self._batch_head: Linear | bool | None = None
         self.activation = ACTIVATIONS[config.activation_function]
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
@@ -237,6 +238,20 @@ class GPT2:
     def logits(self, hidden: Tensor) -> Tensor:
         """Next-token logits from hidden states (the head is tied to `wte`)."""
         return hidden @ self.head
+
+    def batch_logits(self, hidden: Tensor) -> Tensor:
+        """`logits` for a few rows at once. Through a oneDNN-packed copy of the head,
+        made on first use (154 MB for gpt2, so only batched runs pay for it): for
+        8 rows it is ~3x faster than the plain matrix, which small batches read
+        once per row."""
+        if self._batch_head is None:
+            zeros = torch.zeros(self.head.shape[1], dtype=self.dtype, device=self.device)
+            self._batch_head = Linear(self.head, zeros, rows=8)
+            if self._batch_head.packed is None:  # no oneDNN here: share the plain matrix
+                self._batch_head = False
+        if self._batch_head is False:
+            return self.logits(hidden)
+        return self._batch_head(hidden)
 
 
 def causal_mask(T: int, start: int, device) -> Tensor:

@@ -208,14 +208,17 @@ class MemoryBatch:
         """Read `tokens[r]` into row r (None: row r sits out). The logits `[rows, V]`
         for each row's next token (rows that sat out get zeros)."""
         out = torch.zeros(len(self.rows), self.model.config.vocab_size)
-        batched = []
+        plain = [
+            r for r, (m, t) in enumerate(zip(self.rows, tokens))
+            if t is not None and compute and m.fill < m.capacity and m.valid == m.fill
+        ]  # fmt: skip
+        batched = plain if len(plain) > 1 else []
         for r, (memory, token, lp) in enumerate(zip(self.rows, tokens, logprobs)):
             if token is None:
                 continue
-            if compute and memory.fill < memory.capacity and memory.valid == memory.fill:
+            if r in batched:
                 memory.feed([token], origin=GENERATED, logprobs=[lp], compute=False)
-                batched.append(r)
-            else:  # an eviction and recompute, or no compute at all: this row alone
+            else:  # alone: an eviction and recompute, no compute at all, or a batch of one
                 logits = memory.append(token, logprob=lp, compute=compute)
                 if logits is not None:
                     out[r] = logits
@@ -238,4 +241,4 @@ class MemoryBatch:
         )  # fmt: skip
         for r in batched:
             self.rows[r].mark_computed()
-        return self.model.logits(hidden[batched]).float().cpu()
+        return self.model.batch_logits(hidden[batched]).float().cpu()
