@@ -449,3 +449,14 @@ def test_uncached_hub_model_in_a_real_offline_process_is_one_line():
     line = assert_one_line_error(result.stderr.decode(), result.stdout.decode())
     assert result.returncode != 0
     assert "--model" in line and "folder" in line, line
+
+
+def test_from_scratch_needs_no_prompt_at_all(tiny_dir):
+    """`wmgen generate --from-scratch` with no argument and nothing piped generates
+    unconditionally (from <|endoftext|>)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "wmgen", "generate", "--model", str(tiny_dir), "--from-scratch", "-n", "5", "--seed", "2"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout != ""

@@ -213,7 +213,7 @@ def generate(
         prompts = read_prompts(prompt, file, each_line=each_line, samples=num_samples)
         run_many(settings, prompts, out, from_scratch=from_scratch, batch_size=batch_size, separator=separator)
         return
-    text = read_prompt(prompt, file, required=previous is None)
+    text = read_prompt(prompt, file, required=previous is None and not from_scratch)
     if not text and not from_scratch and previous is None:
         raise UsageError("the prompt is empty; give some text, or --from-scratch to start from <|endoftext|>")
     run_generate(settings, text, out, previous=previous, save_to=None if no_save else (state, name), from_scratch=from_scratch)
