@@ -90,6 +90,40 @@ def one_line_error(result, code: int) -> str:
     return lines[0]
 
 
+def read_terminal(fd: int) -> bytes:
+    """Everything a pseudo-terminal's other side wrote, until it closed."""
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny model is all overhead: one intra-op thread runs it faster in process,
+    and leaves the other core to subprocesses."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_dir):
+    """The checkpoint's own tokenizer, read by the `tokenizers` library."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-gpt2")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import ok
 from wmgen.cli import app
 
 PROMPT = "The lighthouse keeper"
@@ -26,6 +27,7 @@ LONG_PROMPT = (
 )
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- helpers -------------------------------------------------------------------
@@ -37,12 +39,6 @@ def invoke(*args: str, input: str | bytes | None = None):
 
 def generate(tiny_dir: Path, *args: str, input: str | bytes | None = None):
     return invoke("generate", "--model", str(tiny_dir), *args, input=input)
-
-
-def ok(result) -> str:
-    """stdout of a run that must have succeeded."""
-    assert result.exit_code == 0, f"exit {result.exit_code}; stderr: {result.stderr!r}; exception: {result.exception!r}"
-    return result.stdout
 
 
 def greedy(tiny_dir: Path, prompt: str, n: int, *extra: str) -> str:
@@ -58,26 +54,6 @@ def assert_one_line_error(stderr: str, stdout: str = "") -> str:
     assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}:\n{stderr}"
     assert stdout == "", f"an error run wrote to stdout: {stdout!r}"
     return lines[0]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model is all overhead: one intra-op thread runs it faster in process,
-    and does not stall when other processes share the cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_dir):
-    """The checkpoint's own tokenizer, read by the `tokenizers` library."""
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
 
 
 def encode(tok, text: str) -> list[int]:

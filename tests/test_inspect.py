@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ok, one_line_error
+from conftest import ok, one_line_error, read_terminal
 from wmgen.cli import app
 
 runner = CliRunner()
@@ -218,19 +218,11 @@ def run_on_a_terminal(*args: str, **env: str) -> str:
     environ |= {"TERM": "xterm-256color", "COLUMNS": "160", **env}
     proc = subprocess.Popen([sys.executable, "-m", "wmgen", *args], stdout=child, stderr=subprocess.PIPE, env=environ)
     os.close(child)
-    chunks = []
-    while True:
-        try:
-            data = os.read(parent, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
+    shown = read_terminal(parent)
     os.close(parent)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr.decode()
-    return b"".join(chunks).decode("utf-8", errors="replace")
+    return shown.decode("utf-8", errors="replace")
 
 
 def test_on_a_terminal_the_default_view_has_colour(record):

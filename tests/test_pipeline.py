@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ok, one_line_error
+from conftest import ok, one_line_error, read_terminal
 from wmgen.cli import app
 
 PROMPT = "The lighthouse keeper"
@@ -41,29 +41,10 @@ ESC = "\x1b"
 SGR = re.compile(r"\x1b\[[0-9;]*m")  # colour and text attributes
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- helpers ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model is all overhead: one intra-op thread runs it faster in process,
-    and leaves the other core to the subprocesses."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_dir):
-    """The checkpoint's own tokenizer, read by the `tokenizers` library."""
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
 
 
 def decode(tok, ids) -> str:
@@ -434,20 +415,12 @@ def run_on_a_terminal(args: list[str], *, stderr_to_terminal: bool = True, **env
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=child,
                             stderr=child if stderr_to_terminal else subprocess.PIPE, env=environment)  # fmt: skip
     os.close(child)
-    chunks = []
     try:
-        while True:
-            try:
-                data = os.read(parent, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
+        shown = read_terminal(parent)
     finally:
         os.close(parent)
         _, stderr = proc.communicate(timeout=120)
-    return proc.returncode, b"".join(chunks).decode("utf-8", errors="replace"), (stderr or b"").decode(errors="replace")
+    return proc.returncode, shown.decode("utf-8", errors="replace"), (stderr or b"").decode(errors="replace")
 
 
 def assert_no_escapes(text: str, what: str) -> None:
