@@ -436,3 +436,11 @@ def test_from_scratch_needs_no_prompt_at_all(tiny_dir):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout != ""
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"wmgen {version('wmgen')}"

@@ -98,9 +98,18 @@ app = typer.Typer(
 DEBUG = {"on": False}
 
 
+def show_version(value: bool) -> None:
+    if value:
+        from wmgen import __version__
+
+        print(f"wmgen {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def root(
     debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error (also WMGEN_DEBUG=1).")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=show_version, is_eager=True)] = False,
 ) -> None:
     """Generate text with GPT-2 through a bounded, inspectable working memory."""
     DEBUG["on"] = debug
