@@ -1,7 +1,7 @@
 """wmgen speed, measured against transformers in the same process.
 
     python benchmarks/bench.py                 # decode speed, batches, eviction sweep
-    python benchmarks/bench.py --only decode   # one part (decode, batch, evict)
+    python benchmarks/bench.py --only decode   # one part (decode, startup, batch, evict)
 
 Uses a randomly initialised model of the exact `gpt2` shape (GPT2Config() defaults)
 with the real GPT-2 tokenizer from ../shared/tokenizers/gpt2, built once and cached
@@ -118,6 +118,53 @@ def bench_evict(model, reps: int, tokens: int = 1536) -> list[tuple]:
     return rows
 
 
+PIPELINE_SCRIPT = """
+import sys
+from transformers import pipeline
+generator = pipeline("text-generation", model=sys.argv[1], device="cpu")
+out = generator("The lighthouse keeper", max_new_tokens=1, do_sample=False)
+sys.stdout.write(out[0]["generated_text"]); sys.stdout.flush()
+"""
+
+
+def first_byte(command: list[str]) -> tuple[float, float]:
+    """Seconds until the command's first byte on stdout, and its peak RSS in MB."""
+    import os
+    import subprocess
+
+    # /usr/bin/time reports the command's own peak RSS (a child forked from this
+    # process would start with this process's pages counted)
+    timed = ["/usr/bin/time", "-f", "%M"] if os.path.exists("/usr/bin/time") else []
+    t = time.perf_counter()
+    proc = subprocess.Popen(timed + command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc.stdout.read(1)
+    elapsed = time.perf_counter() - t
+    proc.stdout.read()
+    stderr = proc.communicate()[1].decode().strip().splitlines()
+    rss_kb = float(stderr[-1]) if timed and stderr and stderr[-1].isdigit() else float("nan")
+    return elapsed, rss_kb / 1024
+
+
+def bench_startup(folder: Path, reps: int) -> list[tuple]:
+    """Wall time of `wmgen --help`; time to first token and peak RSS of a `wmgen
+    generate` process vs a `transformers` pipeline script on the same model."""
+    import shutil
+
+    wmgen = shutil.which("wmgen") or sys.exit("wmgen is not installed in this environment")
+    helps = [first_byte([wmgen, "--help"])[0] for _ in range(reps + 2)]
+    ours = [first_byte([wmgen, "generate", "-m", str(folder), "-n", "1", "-t", "0", "--no-save", "The lighthouse keeper"]) for _ in range(reps)]
+    theirs = [first_byte([sys.executable, "-c", PIPELINE_SCRIPT, str(folder)]) for _ in range(reps)]
+    torch_rss = statistics.median(first_byte([sys.executable, "-c", "import torch; print(1)"])[1] for _ in range(reps))
+    t_ours, t_theirs = statistics.median(o[0] for o in ours), statistics.median(o[0] for o in theirs)
+    rss_ours, rss_theirs = statistics.median(o[1] for o in ours), statistics.median(o[1] for o in theirs)
+    return [
+        ("`wmgen --help`, wall s (first byte)", f"{statistics.median(helps):.2f}", "", ""),
+        ("time to first token, s (process start to first byte)", f"{t_ours:.2f}", f"{t_theirs:.2f} (pipeline script)", f"{t_ours / t_theirs:.2f}×"),
+        ("peak RSS, MB", f"{rss_ours:.0f}", f"{rss_theirs:.0f} (pipeline script)", f"{rss_ours / rss_theirs:.2f}×"),
+        ("peak RSS of `python -c 'import torch'`, MB", f"{torch_rss:.0f}", "", ""),
+    ]
+
+
 def table(rows) -> str:
     out = ["| what | wmgen tokens/s | transformers tokens/s | ratio |", "|---|---|---|---|"]
     out += [f"| {' | '.join(r)} |" for r in rows]
@@ -127,7 +174,7 @@ def table(rows) -> str:
 def main() -> None:
     global TOK
     p = argparse.ArgumentParser()
-    p.add_argument("--only", choices=["decode", "evict", "batch"])
+    p.add_argument("--only", choices=["decode", "evict", "batch", "startup"])
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
     folder = build_model()
@@ -141,6 +188,8 @@ def main() -> None:
     rows = []
     if args.only in (None, "decode"):
         rows += bench_decode(model, hf, args.reps)
+    if args.only in (None, "startup"):
+        rows += bench_startup(folder, args.reps)
     if args.only in (None, "batch"):
         rows += bench_batch(model, args.reps)
     if args.only in (None, "evict"):
