@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from wmgen.errors import UsageError
 from wmgen.gpt2 import GPT2, GPT2Config
-from wmgen.memory import CONTINUED, GENERATED, PROMPT, WorkingMemory, resolve_shape
+from wmgen.memory import CONTINUED, GENERATED, PROMPT, WorkingMemory
+from wmgen.window import resolve_shape
 from wmgen.settings import MemorySettings
 
 VOCAB, N_POSITIONS = 50, 32

@@ -139,15 +139,21 @@ def decode_utf8(data: bytes, where: str) -> str:
         ) from None
 
 
+def read_utf8_file(path: str, what: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return decode_utf8(f.read(), path)
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a folder; give a {what}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
 def read_prompt(argument: str | None, file: str | None, *, required: bool = True) -> str:
     """The prompt: the text of -f FILE or piped stdin (less the one trailing newline
     echo and editors add), then the argument on a line of its own."""
     if file is not None:
-        try:
-            with open(file, "rb") as f:
-                source = decode_utf8(f.read(), file)
-        except OSError as e:
-            raise UsageError(f"cannot read prompt file {file}: {e.strerror}") from None
+        source = read_utf8_file(file, "prompt file")
     else:
         source = stdin_text()
         if source is None and argument in (None, "-") and required:
@@ -297,7 +303,8 @@ def run_generate(settings, text: str, out: Output, *, previous, save_to, from_sc
     if not prompt_ids and previous is None:
         raise UsageError("the prompt is empty after tokenizing; give some text, or --from-scratch")
 
-    from wmgen.memory import CONTINUED, PROMPT, WorkingMemory, resolve_shape
+    from wmgen.memory import CONTINUED, PROMPT, WorkingMemory
+    from wmgen.window import resolve_shape
 
     capacity, keep, evict = resolve_shape(settings.memory, info.n_positions, len(prompt_ids))
     model = load_with_status(info, settings, out.quiet, out.color)
@@ -404,9 +411,7 @@ def run_many(settings, prompts, out: Output, *, from_scratch: bool, batch_size: 
                 if signals.stop_requested():
                     break
             if out.format == "json":
-                import json
-
-                write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n")
+                put_line(sys.stdout, records, indent=1)
         except (PipeClosed, BrokenPipeError):
             quiet_stdout()
             raise BrokenPipe from None
@@ -553,7 +558,7 @@ def inspect_memory(
 def preview_prompt(settings, text: str) -> dict:
     """How `text` would fill a memory: tokenizer only, no weights."""
     from wmgen.model import load_tokenizer
-    from wmgen.window import describe, fit, resolve_shape
+    from wmgen.window import describe, fit, kv_bytes_per_token, resolve_shape
 
     info, tokenizer = load_tokenizer(settings.model.name)
     ids = tokenizer.encode(text)
@@ -565,7 +570,7 @@ def preview_prompt(settings, text: str) -> dict:
     snap = describe(
         kept, ["prompt"] * len(kept), [None] * len(kept), capacity=capacity, keep=keep, evict=evict,
         counters={"evictions": 0, "evicted": 0, "recomputed": 0, "seen": len(kept)},
-        kv_bytes_per_token=2 * info.n_layer * info.n_embd * bytes_per_value, token_text=tokenizer.token_text,
+        kv_bytes_per_token=kv_bytes_per_token(info.n_layer, info.n_embd, bytes_per_value), token_text=tokenizer.token_text,
         model=model_id(settings.model.name), tokenizer=tokenizer.fingerprint, text=tokenizer.decode(kept),
     )  # fmt: skip
     return snap | {"name": "(prompt preview)", "prompt_tokens": len(ids), "dropped": dropped}
@@ -730,13 +735,7 @@ def read_text_file(file: str) -> str:
         if text is None:
             raise UsageError("no text on stdin: pipe some in, or give a FILE")
     else:
-        try:
-            with open(file, "rb") as f:
-                text = decode_utf8(f.read(), file)
-        except IsADirectoryError:
-            raise UsageError(f"{file} is a folder; give a text file") from None
-        except OSError as e:
-            raise UsageError(f"cannot read {file}: {e.strerror}") from None
+        text = read_utf8_file(file, "text file")
     if "\x00" in text:
         raise UsageError(f"{file} looks binary (it contains NUL bytes); give a text file")
     if not text.strip():

@@ -209,8 +209,7 @@ class GPT2:
             a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask, is_causal=causal)
             a = a.transpose(1, 2).reshape(B * T, E)
             x = x + b.c_proj(a).view(B, T, E)
-            h = F.layer_norm(x, (E,), *b.ln_2, eps)
-            x = x + b.mlp_proj(self.activation(b.c_fc(h.view(B * T, E)))).view(B, T, E)
+            x = x + self._mlp(b, x.view(B * T, E)).view(B, T, E)
         return F.layer_norm(x, (E,), *self.ln_f, eps)
 
     def decode_rows(self, ids: Tensor, slots: Tensor, positions: Tensor, store: KVStore, width: int) -> Tensor:
@@ -231,9 +230,13 @@ class GPT2:
             values[rows, :, slots] = v
             a = F.scaled_dot_product_attention(q[:, :, None], keys[:, :, :width], values[:, :, :width], attn_mask=seen)
             x = x + b.c_proj(a.reshape(B, E))
-            h = F.layer_norm(x, (E,), *b.ln_2, eps)
-            x = x + b.mlp_proj(self.activation(b.c_fc(h)))
+            x = x + self._mlp(b, x)
         return F.layer_norm(x, (E,), *self.ln_f, eps)
+
+    def _mlp(self, b: Block, x: Tensor) -> Tensor:
+        """The feed-forward half of a block, `[N, E]` in and out (before the residual)."""
+        h = F.layer_norm(x, (self.config.n_embd,), *b.ln_2, self.config.layer_norm_epsilon)
+        return b.mlp_proj(self.activation(b.c_fc(h)))
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Next-token logits from hidden states (the head is tied to `wte`)."""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from wmgen.gpt2 import GPT2, KVStore
-from wmgen.window import check_shape, default_evict, describe, fit, resolve_shape  # noqa: F401  (the memory's rules)
+from wmgen.window import check_shape, default_evict, describe, fit, kv_bytes_per_token
 
 PROMPT, GENERATED, CONTINUED = "prompt", "generated", "continued"
 
@@ -54,7 +54,7 @@ class WorkingMemory:
     @property
     def kv_bytes_per_token(self) -> int:
         c = self.model.config
-        return 2 * c.n_layer * c.n_embd * self.model.dtype.itemsize
+        return kv_bytes_per_token(c.n_layer, c.n_embd, self.model.dtype.itemsize)
 
     @property
     def kv_bytes(self) -> int:
@@ -110,24 +110,19 @@ class WorkingMemory:
             raise ValueError("read needs at least one token")
         before = self.fill
         dropped = max(0, before + len(ids) - self.capacity)
+        self.tokens += ids
+        self.origins += [origin] * len(ids)
+        self.logprobs += [None] * len(ids)
+        from_memory = max(0, min(dropped, before - self.keep))
         if dropped:
             cut = slice(self.keep, self.keep + dropped)
-            self.tokens += ids
-            self.origins += [origin] * len(ids)
-            self.logprobs += [None] * len(ids)
             for column in (self.tokens, self.origins, self.logprobs):
                 del column[cut]
-            from_memory = max(0, min(dropped, before - self.keep))
-            if from_memory:
-                self.counters.evictions += 1
-                self.counters.evicted += from_memory
             self.valid = min(self.valid, self.keep)
-            unread = dropped - from_memory
-        else:
-            self.tokens += ids
-            self.origins += [origin] * len(ids)
-            self.logprobs += [None] * len(ids)
-            unread = 0
+        if from_memory:
+            self.counters.evictions += 1
+            self.counters.evicted += from_memory
+        unread = dropped - from_memory
         self.counters.seen += len(ids) - unread
         return self._forward(1)[-1], unread
 

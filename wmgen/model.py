@@ -16,7 +16,6 @@ from pathlib import Path
 from wmgen.errors import ModelError, UsageError
 from wmgen.tokens import Tokenizer
 
-ACTIVATION_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu")
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
 
 
@@ -135,7 +134,7 @@ def resolve_dtype(dtype: str, device: str):
 
 def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto"):
     """The network (`GPT2`) of the checkpoint `info` describes, on `device` in `dtype`."""
-    from wmgen.gpt2 import GPT2, GPT2Config
+    from wmgen.gpt2 import ACTIVATIONS, GPT2, GPT2Config
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -157,7 +156,7 @@ def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto"):
         activation_function=info.raw.get("activation_function", "gelu_new"),
         eos_token_id=info.raw.get("eos_token_id"),
     )
-    if config.activation_function not in ACTIVATION_NAMES:
+    if config.activation_function not in ACTIVATIONS:
         raise ModelError(f"{info.name} uses activation '{config.activation_function}', which wmgen does not implement")
     tied = {"wte.weight", "transformer.wte.weight"}
     weights = read_safetensors(weights_path, dtype=torch_dtype, device=device, transpose=tied)

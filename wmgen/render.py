@@ -42,10 +42,10 @@ class TextWriter:
         self.wrote_any = True
 
 
-def put_line(out: TextIO, obj) -> None:
-    """One JSON document on a line of its own, flushed."""
+def put_line(out: TextIO, obj, *, indent: int | None = None) -> None:
+    """One JSON document (on a line of its own unless indented), flushed."""
     try:
-        out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        out.write(json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
         out.flush()
     except BrokenPipeError:
         raise PipeClosed from None
@@ -94,11 +94,7 @@ class JsonWriter:
         elif isinstance(event, Finished):
             self.record["text"] += event.text
             self.record["stats"] = {k: v for k, v in end_record(event).items() if k != "text"}
-            try:
-                self.out.write(json.dumps(self.record, ensure_ascii=False, indent=1) + "\n")
-                self.out.flush()
-            except BrokenPipeError:
-                raise PipeClosed from None
+            put_line(self.out, self.record, indent=1)
 
 
 def result_record(result: Result, *, line: int | None, sample: int | None, prompt: str) -> dict:

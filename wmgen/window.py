@@ -46,6 +46,11 @@ def fit(ids: Sequence[int], capacity: int, keep: int) -> tuple[list[int], int]:
     return ids[:keep] + ids[keep + dropped :], dropped
 
 
+def kv_bytes_per_token(n_layer: int, n_embd: int, bytes_per_value: int) -> int:
+    """A key and a value per layer, each `n_embd` wide."""
+    return 2 * n_layer * n_embd * bytes_per_value
+
+
 def describe(
     tokens: Sequence[int],
     origins: Sequence[str],
