@@ -1,19 +1,26 @@
 """wmgen speed, measured against transformers in the same process.
 
-    python benchmarks/bench.py                 # decode speed, batches, eviction sweep
-    python benchmarks/bench.py --only decode   # one part (decode, startup, batch, evict)
+    python benchmarks/bench.py                # everything below, about 6 minutes
+    python benchmarks/bench.py --only decode  # one part: decode, long, sweep,
+                                              # ceiling, int8, startup (or batch)
+    python benchmarks/bench.py --model PATH   # a real checkpoint folder instead
 
-Uses a randomly initialised model of the exact `gpt2` shape (GPT2Config() defaults)
-with the real GPT-2 tokenizer from ../shared/tokenizers/gpt2, built once and cached
-in benchmarks/.cache/. The cost of a forward pass does not depend on weight values.
-Repetitions are interleaved (wmgen, transformers, wmgen, ...) and medians reported.
+By default it uses a randomly initialised model of the exact `gpt2` shape
+(GPT2Config() defaults) with the real GPT-2 tokenizer from ../shared/tokenizers/gpt2,
+built once and cached in benchmarks/.cache/: the cost of a forward pass does not
+depend on weight values. Repetitions are interleaved (wmgen, transformers, wmgen,
+...) and medians reported. The long-generation part also writes the chart
+benchmarks/long-generation.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,16 +29,18 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache" / "gpt2-random"
-TOKENIZER = HERE.parent.parent / "shared" / "tokenizers" / "gpt2"
+SHARED = HERE.parent.parent / "shared"
+TOKENIZER = SHARED / "tokenizers" / "gpt2"
+WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+CHART = HERE / "long-generation.png"
+PARTS = ("decode", "long", "sweep", "ceiling", "int8", "startup")
 
 
 def build_model() -> Path:
     if (CACHE / "model.safetensors").is_file():
         return CACHE
     if not (TOKENIZER / "tokenizer.json").is_file():
-        sys.exit(f"benchmarks need the GPT-2 tokenizer at {TOKENIZER} (../shared beside the project)")
-    import shutil
-
+        sys.exit(f"the benchmark needs the GPT-2 tokenizer at {TOKENIZER} (../shared beside the project), or --model PATH")
     from transformers import GPT2Config, GPT2LMHeadModel
 
     print(f"building a random gpt2-shaped model in {CACHE} (once)", file=sys.stderr)
@@ -42,80 +51,215 @@ def build_model() -> Path:
     return CACHE
 
 
-def wmgen_run(model, prompt_ids, n: int, capacity: int = 1024, evict: int | None = None) -> float:
-    """Seconds to read the prompt and generate `n` tokens greedily with wmgen."""
-    from wmgen.generation import generate
-    from wmgen.memory import WorkingMemory
-    from wmgen.settings import RunSettings, Sampling
+class Bench:
+    """The models under test and the runs the parts are made of."""
 
-    memory = WorkingMemory(model, capacity, 0, evict)
-    t = time.perf_counter()
-    for _ in generate(memory, TOK, prompt_ids, RunSettings(max_new_tokens=n, ignore_eos=True), Sampling(temperature=0)):
-        pass
-    return time.perf_counter() - t
+    def __init__(self, folder: Path):
+        from transformers import GPT2LMHeadModel
+
+        from wmgen.model import load_model, load_tokenizer
+
+        self.folder = folder
+        self.info, self.tokenizer = load_tokenizer(str(folder))
+        self.model = load_model(self.info, device="cpu", dtype="float32")
+        self._int8 = None
+        self.hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+        self.short_rate: float | None = None  # wmgen's short-context decode speed, once measured
+
+    @property
+    def int8(self):
+        if self._int8 is None:
+            from wmgen.model import load_model
+
+            self._int8 = load_model(self.info, device="cpu", dtype="int8")
+        return self._int8
+
+    def wmgen(self, prompt: list[int], n: int, *, evict: int | None = None, model=None) -> list[float]:
+        """Generate `n` tokens greedily after `prompt` (capacity 1024): the time of
+        each token since the start, prompt reading included."""
+        from wmgen.events import Token
+        from wmgen.generation import generate
+        from wmgen.memory import WorkingMemory
+        from wmgen.settings import RunSettings, Sampling
+
+        memory = WorkingMemory(model or self.model, 1024, 0, evict)
+        run = RunSettings(max_new_tokens=n, ignore_eos=True)
+        t0, times = time.perf_counter(), []
+        for event in generate(memory, self.tokenizer, prompt, run, Sampling(temperature=0)):
+            if isinstance(event, Token):
+                times.append(time.perf_counter() - t0)
+        return times
+
+    def transformers(self, prompt: list[int], n: int) -> tuple[list[float], str | None]:
+        """`model.generate()` for `n` greedy tokens: the time of each token since the
+        start, and the error that stopped it early, if any."""
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        times: list[float] = []
+
+        class Clock(LogitsProcessor):  # called once per new token, before choosing it
+            def __call__(self, input_ids, scores):
+                times.append(time.perf_counter() - t0)
+                return scores
+
+        ids = torch.tensor([prompt])
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                self.hf.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([Clock()]),
+                )
+        except Exception as e:  # past n_positions GPT-2 fails: that is a result here
+            return times, f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        return times, None
 
 
-def batch_run(model, prompts, n: int) -> float:
-    """Seconds to generate `n` tokens for every prompt as one batch."""
-    from wmgen.generation import generate_batch
-    from wmgen.memory import MemoryBatch
-    from wmgen.settings import RunSettings, Sampling
-
-    batch = MemoryBatch(model, len(prompts), 1024)
-    t = time.perf_counter()
-    generate_batch(batch, TOK, prompts, RunSettings(max_new_tokens=n, ignore_eos=True), Sampling(temperature=0), [0] * len(prompts))
-    return time.perf_counter() - t
+def decode_rate(times: list[float], lo: int = 8) -> float:
+    """Tokens/s of decoding alone: the tokens after the `lo`-th over their time
+    (prompt reading and the first steps cancel out)."""
+    return (len(times) - lo) / (times[-1] - times[lo - 1])
 
 
-def bench_batch(model, reps: int, n: int = 48) -> list[tuple]:
-    """Total tokens/s of B prompts run as one batch vs the same prompts one by one."""
-    rows = []
-    for size in (1, 4, 8):
-        prompts = [list(range(1000 + 40 * r, 1032 + 40 * r)) for r in range(size)]
-        together, alone = [], []
-        for _ in range(reps):
-            together.append(size * n / batch_run(model, prompts, n))
-            alone.append(size * n / sum(wmgen_run(model, p, n) for p in prompts))
-        mt, ma = statistics.median(together), statistics.median(alone)
-        rows.append((f"{size} prompts × {n} tokens, one batch vs one by one", f"{mt:.1f}", f"{ma:.1f} (wmgen, one by one)", f"{mt / ma:.2f}×"))
-    return rows
+def prompt_of(n: int) -> list[int]:
+    return list(range(1000, 1000 + n))
 
 
-def hf_run(hf, prompt_ids, n: int) -> float:
-    ids = torch.tensor([prompt_ids])
-    t = time.perf_counter()
-    with torch.inference_mode():
-        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    return time.perf_counter() - t
-
-
-def decode_rate(run, lo: int, hi: int, reps: int) -> list[float]:
-    """Tokens/s of decoding alone: (hi - lo) tokens over t(hi) - t(lo), prefill cancels."""
-    return [(hi - lo) / (run(hi) - run(lo)) for _ in range(reps)]
-
-
-def bench_decode(model, hf, reps: int) -> list[tuple]:
+def bench_decode(b: Bench, reps: int) -> list[tuple]:
     rows = []
     for context in (32, 900):
-        prompt = list(range(1000, 1000 + context))
-        w, h = [], []
+        prompt, runs = prompt_of(context), {"wmgen": [], "int8": [], "hf": []}
         for _ in range(reps):  # interleaved
-            w += decode_rate(lambda n: wmgen_run(model, prompt, n), 8, 72, 1)
-            h += decode_rate(lambda n: hf_run(hf, prompt, n), 8, 72, 1)
-        mw, mh = statistics.median(w), statistics.median(h)
-        rows.append((f"decode, {context}-token context", f"{mw:.1f}", f"{mh:.1f}", f"{mw / mh:.2f}×"))
+            runs["wmgen"].append(decode_rate(b.wmgen(prompt, 72)))
+            runs["hf"].append(decode_rate(b.transformers(prompt, 72)[0]))
+            runs["int8"].append(decode_rate(b.wmgen(prompt, 72, model=b.int8)))
+        w, h, q = (statistics.median(runs[k]) for k in ("wmgen", "hf", "int8"))
+        if context == 32:
+            b.short_rate = w
+        rows.append((f"decode, {context}-token context", f"{w:.1f}", f"{h:.1f}", f"{w / h:.2f}×"))
+        rows.append((f"decode, {context}-token context, `--dtype int8`", f"{q:.1f}", f"{h:.1f}", f"{q / h:.2f}×"))
     return rows
 
 
-def bench_evict(model, reps: int, tokens: int = 1536) -> list[tuple]:
-    """Generation from a full 1024-token memory for `tokens` tokens, per --evict."""
-    prompt = list(range(1000, 2024))
-    rows = []
-    for evict in (16, 64, 128, 256, 384, 512):
-        times = [wmgen_run(model, prompt, tokens, evict=evict) - wmgen_run(model, prompt, 1, evict=evict) for _ in range(reps)]
-        rate = tokens / statistics.median(times)
-        rows.append((f"{tokens} tokens from a full memory, --evict {evict}", f"{rate:.1f}", "", ""))
+def short_rate(b: Bench) -> float:
+    if b.short_rate is None:
+        b.short_rate = statistics.median(decode_rate(b.wmgen(prompt_of(32), 72)) for _ in range(3))
+    return b.short_rate
+
+
+def bench_long(b: Bench, new: int = 4096, exact_tokens: int = 6) -> list[tuple]:
+    """4096 tokens at capacity 1024 with the default --evict, the exact sliding
+    window, and model.generate(), which GPT-2 cannot take past 1024 positions."""
+    prompt = prompt_of(32)
+    short = short_rate(b)
+    ours = b.wmgen(prompt, new)
+    full = prompt_of(1024)  # exact sliding from a full memory: every token recomputes 1023
+    exact_times = b.wmgen(full, exact_tokens + 1, evict=1)
+    exact = exact_tokens / (exact_times[-1] - exact_times[0])
+    theirs, error = b.transformers(prompt, new)
+    rate = new / ours[-1]
+    chart(ours, exact, theirs, error, len(prompt), b)
+    hf_rate = (len(theirs) - 1) / (theirs[-1] - theirs[0]) if len(theirs) > 1 else float("nan")
+    return [
+        (f"{new} tokens, capacity 1024, default --evict (overall)", f"{rate:.1f}", "", ""),
+        ("  ÷ wmgen's own short-context decode", f"{rate:.1f} / {short:.1f}", "", f"{rate / short:.2f}×"),
+        (f"exact sliding window (--evict 1), per token over {exact_tokens} tokens", f"{exact:.2f}", "", ""),
+        ("  default --evict ÷ exact sliding", f"{rate:.1f} / {exact:.2f}", "", f"{rate / exact:.0f}×"),
+        (f"model.generate(max_new_tokens={new})", "", f"{hf_rate:.1f} until token {len(theirs)}", f"fails: {error or 'no error'}"),
+    ]
+
+
+def chart(ours: list[float], exact: float, theirs: list[float], error: str | None, prompt: int, b: Bench) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def windowed(times: list[float], width: int = 64) -> tuple[list[int], list[float]]:
+        xs = list(range(width, len(times), width // 4))
+        return xs, [width / (times[x] - times[x - width]) for x in xs]
+
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
+    ax.plot(*windowed(ours), label="wmgen, default --evict (256)", color="tab:blue")
+    if theirs:
+        ax.plot(*windowed(theirs), label="transformers model.generate()", color="tab:orange")
+        if error:
+            ax.plot([len(theirs)], [0], marker="x", markersize=12, color="tab:red", clip_on=False)
+            ax.annotate(f"model.generate() stops at token {len(theirs)}:\n{error[:60]}", (len(theirs), 0),
+                        xytext=(len(theirs) + 120, 4), fontsize=8, color="tab:red")
+    full_at = 1024 - prompt
+    ax.plot([full_at, len(ours)], [exact, exact], linestyle="--", color="tab:green",
+            label=f"exact sliding window (--evict 1), {exact:.2f} tokens/s once memory is full")
+    ax.set_xlabel("tokens generated (capacity 1024, 32-token prompt)")
+    ax.set_ylabel("tokens/s (over the last 64)")
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(0, len(ours))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"{b.info.name if b.folder != CACHE else 'random gpt2-shaped model'}, fp32, greedy · {machine()}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(CHART)
+    print(f"wrote {CHART.relative_to(Path.cwd()) if CHART.is_relative_to(Path.cwd()) else CHART}", file=sys.stderr)
+
+
+def bench_sweep(b: Bench) -> list[tuple]:
+    """Tokens/s from a full memory of 1024 per --evict, over whole eviction cycles
+    (each cycle: one recompute of 1024 - evict tokens, then evict decode steps)."""
+    full, rows = prompt_of(1024), []
+    for evict, cycles in ((1, 6), (16, 2), (64, 1), (256, 1), (512, 1)):
+        n = evict * cycles
+        times = b.wmgen(full, n + 1, evict=evict)  # the first token comes from the prompt's logits
+        rows.append((f"from a full memory, --evict {evict} ({n} tokens)", f"{n / (times[-1] - times[0]):.1f}", "", ""))
     return rows
+
+
+def bandwidth() -> float:
+    """Memory read bandwidth, bytes/s: the best of several sums over 1 GiB."""
+    x = torch.ones(2**28)
+    best = min(_timed(x.sum) for _ in range(5))
+    return x.nbytes / best
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def bench_ceiling(b: Bench) -> list[tuple]:
+    """What one stream could reach if a step only read its weights once."""
+    bw, short = bandwidth(), short_rate(b)
+    rows = [("memory read bandwidth (sum over 1 GiB, best of 5)", f"{bw / 1e9:.1f} GB/s", "", "")]
+    for name, model, rate in (("float32", b.model, short), ("int8", b.int8, None)):
+        if rate is None:
+            rate = statistics.median(decode_rate(b.wmgen(prompt_of(32), 72, model=model)) for _ in range(3))
+        ceiling = bw / model.nbytes
+        rows.append((f"{name}: ceiling = bandwidth ÷ {model.nbytes / 1e6:.0f} MB of weights; wmgen short-context decode",
+                     f"{rate:.1f} of {ceiling:.0f}", "", f"{rate / ceiling:.0%} of ceiling"))
+    return rows
+
+
+def bench_int8(b: Bench, windows: int = 2, width: int = 1024) -> list[tuple]:
+    """Fidelity of --dtype int8: next-token distributions vs float32 on the same
+    weights, over WikiText-2 test text (teacher-forced windows of `width` tokens)."""
+    if not WIKITEXT.is_file():
+        return [("int8 fidelity", "skipped: no WikiText-2 at " + str(WIKITEXT), "", "")]
+    ids = b.tokenizer.encode(WIKITEXT.read_text(encoding="utf-8")[: 12_000 * windows])[: windows * width]
+    kl, agree, rel, n = 0.0, 0, 0.0, 0
+    with torch.inference_mode():
+        for w in range(0, len(ids) - 1, width):
+            window = torch.tensor([ids[w : w + width]])
+            exact, quant = (m.logits(m.forward(window, 0, m.new_store(width))[0]).float() for m in (b.model, b.int8))
+            p_log, q_log = exact.log_softmax(-1), quant.log_softmax(-1)
+            kl += (p_log.exp() * (p_log - q_log)).sum().item()
+            agree += (exact.argmax(-1) == quant.argmax(-1)).sum().item()
+            rel += ((quant - exact).norm(dim=-1) / exact.norm(dim=-1)).sum().item()
+            n += window.shape[1]
+    return [
+        (f"int8 vs float32 over {n} WikiText-2 tokens: mean KL (nats)", f"{kl / n:.2e}", "", ""),
+        ("  same top token", f"{agree / n:.1%}", "", ""),
+        ("  logit error, ‖int8 − fp32‖ ÷ ‖fp32‖", f"{rel / n:.2%}", "", ""),
+    ]
 
 
 PIPELINE_SCRIPT = """
@@ -128,10 +272,7 @@ sys.stdout.write(out[0]["generated_text"]); sys.stdout.flush()
 
 
 def first_byte(command: list[str]) -> tuple[float, float]:
-    """Seconds until the command's first byte on stdout, and its peak RSS in MB."""
-    import os
-    import subprocess
-
+    """Seconds until the command's first byte on stdout, and its peak RSS in MiB."""
     # /usr/bin/time reports the command's own peak RSS (a child forked from this
     # process would start with this process's pages counted)
     timed = ["/usr/bin/time", "-f", "%M"] if os.path.exists("/usr/bin/time") else []
@@ -145,60 +286,100 @@ def first_byte(command: list[str]) -> tuple[float, float]:
     return elapsed, rss_kb / 1024
 
 
-def bench_startup(folder: Path, reps: int) -> list[tuple]:
+def bench_startup(b: Bench, reps: int) -> list[tuple]:
     """Wall time of `wmgen --help`; time to first token and peak RSS of a `wmgen
     generate` process vs a `transformers` pipeline script on the same model."""
-    import shutil
-
-    wmgen = shutil.which("wmgen") or sys.exit("wmgen is not installed in this environment")
+    beside = Path(sys.executable).with_name("wmgen")  # the environment running this script
+    wmgen = str(beside) if beside.is_file() else shutil.which("wmgen") or sys.exit("wmgen is not installed in this environment")
+    folder = str(b.folder)
     helps = [first_byte([wmgen, "--help"])[0] for _ in range(reps + 2)]
-    ours = [first_byte([wmgen, "generate", "-m", str(folder), "-n", "1", "-t", "0", "--no-save", "The lighthouse keeper"]) for _ in range(reps)]
-    theirs = [first_byte([sys.executable, "-c", PIPELINE_SCRIPT, str(folder)]) for _ in range(reps)]
+    ours, theirs = [], []
+    for _ in range(reps):  # interleaved
+        ours.append(first_byte([wmgen, "generate", "-m", folder, "-n", "1", "-t", "0", "--no-save", "The lighthouse keeper"]))
+        theirs.append(first_byte([sys.executable, "-c", PIPELINE_SCRIPT, folder]))
     torch_rss = statistics.median(first_byte([sys.executable, "-c", "import torch; print(1)"])[1] for _ in range(reps))
-    t_ours, t_theirs = statistics.median(o[0] for o in ours), statistics.median(o[0] for o in theirs)
-    rss_ours, rss_theirs = statistics.median(o[1] for o in ours), statistics.median(o[1] for o in theirs)
+    t_ours, t_theirs = (statistics.median(o[0] for o in runs) for runs in (ours, theirs))
+    rss_ours, rss_theirs = (statistics.median(o[1] for o in runs) for runs in (ours, theirs))
+    kv = 1024 * b.model.config.n_layer * 2 * b.model.config.n_embd * 4
+    budget = torch_rss + (b.model.nbytes + kv) / 2**20 + 120
     return [
         ("`wmgen --help`, wall s (first byte)", f"{statistics.median(helps):.2f}", "", ""),
         ("time to first token, s (process start to first byte)", f"{t_ours:.2f}", f"{t_theirs:.2f} (pipeline script)", f"{t_ours / t_theirs:.2f}×"),
-        ("peak RSS, MB", f"{rss_ours:.0f}", f"{rss_theirs:.0f} (pipeline script)", f"{rss_ours / rss_theirs:.2f}×"),
-        ("peak RSS of `python -c 'import torch'`, MB", f"{torch_rss:.0f}", "", ""),
+        ("peak RSS, MiB", f"{rss_ours:.0f}", f"{rss_theirs:.0f} (pipeline script)", f"{rss_ours / rss_theirs:.2f}×"),
+        ("  target: `import torch` RSS + weights + KV (1024 tokens) + 120 MiB", f"{budget:.0f}", "", f"{rss_ours / budget:.2f}×"),
     ]
 
 
+def bench_batch(b: Bench, reps: int, n: int = 48) -> list[tuple]:
+    """Total tokens/s of B prompts run as one batch vs the same prompts one by one."""
+    from wmgen.generation import generate_batch
+    from wmgen.memory import MemoryBatch
+    from wmgen.settings import RunSettings, Sampling
+
+    def together(prompts) -> float:
+        batch = MemoryBatch(b.model, len(prompts), 1024)
+        run = RunSettings(max_new_tokens=n, ignore_eos=True)
+        return _timed(lambda: generate_batch(batch, b.tokenizer, prompts, run, Sampling(temperature=0), [0] * len(prompts)))
+
+    rows = []
+    for size in (1, 4, 8):
+        prompts = [list(range(1000 + 40 * r, 1032 + 40 * r)) for r in range(size)]
+        one, alone = [], []
+        for _ in range(reps):
+            one.append(size * n / together(prompts))
+            alone.append(size * n / sum(b.wmgen(p, n)[-1] for p in prompts))
+        mt, ma = statistics.median(one), statistics.median(alone)
+        rows.append((f"{size} prompts × {n} tokens, one batch vs one by one", f"{mt:.1f}", f"{ma:.1f} (wmgen, one by one)", f"{mt / ma:.2f}×"))
+    return rows
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
 def table(rows) -> str:
-    out = ["| what | wmgen tokens/s | transformers tokens/s | ratio |", "|---|---|---|---|"]
+    out = ["| what | wmgen | transformers | ratio |", "|---|---|---|---|"]
     out += [f"| {' | '.join(r)} |" for r in rows]
     return "\n".join(out)
 
 
 def main() -> None:
-    global TOK
-    p = argparse.ArgumentParser()
-    p.add_argument("--only", choices=["decode", "evict", "batch", "startup"])
-    p.add_argument("--reps", type=int, default=3)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", choices=[*PARTS, "batch"], action="append", help="run only these parts (repeatable)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions for decode, startup and batch (default 3)")
+    p.add_argument("--model", type=Path, help="a checkpoint folder to measure instead of the random gpt2-shaped model")
     args = p.parse_args()
-    folder = build_model()
-    from transformers import GPT2LMHeadModel
-
-    from wmgen.model import load_model, load_tokenizer
-
-    info, TOK = load_tokenizer(str(folder))
-    model = load_model(info, device="cpu", dtype="float32")
-    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    parts = args.only or PARTS
+    t0 = time.perf_counter()
+    b = Bench(args.model or build_model())
     rows = []
-    if args.only in (None, "decode"):
-        rows += bench_decode(model, hf, args.reps)
-    if args.only in (None, "startup"):
-        rows += bench_startup(folder, args.reps)
-    if args.only in (None, "batch"):
-        rows += bench_batch(model, args.reps)
-    if args.only in (None, "evict"):
-        rows += bench_evict(model, max(1, args.reps - 2))
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32, batch 1")
+    for part in parts:
+        print(f"[{time.perf_counter() - t0:5.0f} s] {part}", file=sys.stderr)
+        if part == "decode":
+            rows += bench_decode(b, args.reps)
+        elif part == "long":
+            rows += bench_long(b)
+        elif part == "sweep":
+            rows += bench_sweep(b)
+        elif part == "ceiling":
+            rows += bench_ceiling(b)
+        elif part == "int8":
+            rows += bench_int8(b)
+        elif part == "startup":
+            rows += bench_startup(b, args.reps)
+        elif part == "batch":
+            rows += bench_batch(b, args.reps)
+    print(f"machine: {machine()}; fp32 unless marked, batch 1, greedy; {time.perf_counter() - t0:.0f} s in all")
     print(table(rows))
 
-
-TOK = None
 
 if __name__ == "__main__":
     main()

@@ -253,7 +253,7 @@ BAD_INPUTS = [
     ("unknown-device", ["--device", "tpu"], 2, ["tpu"]),
     ("unknown-dtype", ["--dtype", "int4"], 2, ["int4"]),
     ("unknown-option", ["--no-such-option"], 2, ["--no-such-option"]),
-    ("non-integer-count", ["-n", "many"], 2, ["max-new-tokens", "integer"]),
+    ("non-integer-count", ["-n", "many"], 2, ["max-new-tokens", "int"]),
     ("option-without-value", ["--stop"], 2, ["--stop"]),
 ]
 

@@ -10,6 +10,7 @@ their keys and values there and attends to slots `0..start+T-1`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -78,14 +79,48 @@ class Linear:
         return (self.packed if self.packed is not None else self.weight).nbytes + self.bias.nbytes
 
 
+def int8_available() -> bool:
+    """Whether this torch has the fbgemm int8 kernels `Int8Linear` uses (x86 CPUs)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
+def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per row of `w` `[out, in]`: the int8 matrix and one float32
+    scale per row, `w ≈ q * scale[:, None]`."""
+    scale = (w.abs().amax(1).float() / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+class Int8Linear:
+    """`x @ W + b` with `W` in int8, one scale per output channel, through fbgemm's
+    dynamic kernel: each call quantizes `x` (per tensor, 7 bits, so the AVX2 int8
+    dot products cannot saturate), multiplies in int32 and returns float32. A
+    quarter of the bytes of float32 for a batch-1 step to read; results differ
+    from float32 by quantization error (measured in the README).
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor, *, rows: int = 1):
+        w = weight.t().float().contiguous()  # [out, in]
+        q, scale = quantize_rows(w)
+        zero = torch.zeros(w.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # torch flags quantized tensors as legacy; its kernels are what runs fastest here
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+        self.packed = torch.ops.quantized.linear_prepack(qweight, bias.float())
+        self.nbytes = q.nbytes + scale.nbytes + bias.nbytes
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+
+
 @dataclass
 class Block:
     ln_1: tuple[Tensor, Tensor]
-    c_attn: Linear  # fused query/key/value projection, E -> 3E
-    c_proj: Linear
+    c_attn: Linear | Int8Linear  # fused query/key/value projection, E -> 3E
+    c_proj: Linear | Int8Linear
     ln_2: tuple[Tensor, Tensor]
-    c_fc: Linear
-    mlp_proj: Linear
+    c_fc: Linear | Int8Linear
+    mlp_proj: Linear | Int8Linear
 
 
 class KVStore:
@@ -114,10 +149,13 @@ class KVStore:
 class GPT2:
     """The GPT-2 network as functions over its weight tensors."""
 
-    def __init__(self, config: GPT2Config, weights: dict[str, Tensor]):
+    def __init__(self, config: GPT2Config, weights: dict[str, Tensor], *, int8: bool = False):
         """Takes the tensors out of `weights` as it goes (so that repacked ones can be
-        freed at once)."""
+        freed at once). With `int8`, every projection and the output head are
+        quantized to int8 (`Int8Linear`); layer norms, position embeddings and the
+        keys and values stay float32."""
         self.config = config
+        self.int8 = int8
         for name in list(weights):
             weights[name.removeprefix("transformer.")] = weights.pop(name)
         w = weights
@@ -125,13 +163,23 @@ class GPT2:
         def pair(prefix: str) -> tuple[Tensor, Tensor]:
             return w.pop(f"{prefix}.weight"), w.pop(f"{prefix}.bias")
 
-        def linear(prefix: str) -> Linear:
-            return Linear(*pair(prefix))
+        def linear(prefix: str) -> Linear | Int8Linear:
+            return (Int8Linear if int8 else Linear)(*pair(prefix))
 
-        # The head stored [E, V]: a batch-1 step reads it ~1.5x faster than [V, E].
-        # Token embeddings are its columns, so there is one copy of the matrix.
-        self.head = w.pop("wte.weight").t().contiguous()
+        wte = w.pop("wte.weight")  # [V, E], possibly a transposed view
         self.wpe = w.pop("wpe.weight")
+        if int8:
+            # fbgemm packs the head into its own layout, so token embeddings keep
+            # their own int8 rows (dequantized as read): two int8 copies, together
+            # half the bytes of the one float32 matrix.
+            self.embedding, self.embedding_scale = quantize_rows(wte)
+            self._head = Int8Linear(wte.t(), torch.zeros(wte.shape[0]))
+            self.head = None
+        else:
+            # The head stored [E, V]: a batch-1 step reads it ~1.5x faster than [V, E].
+            # Token embeddings are its columns, so there is one copy of the matrix.
+            self.head = wte.t().contiguous()
+        del wte
         self.ln_f = pair("ln_f")
         self.blocks = [
             Block(
@@ -150,16 +198,21 @@ class GPT2:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.head.dtype
+        """The dtype of activations, keys and values (float32 in int8 mode)."""
+        return self.wpe.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.head.device
+        return self.wpe.device
 
     @property
     def nbytes(self) -> int:
         """Bytes of weights held."""
-        total = sum(t.nbytes for t in (self.head, self.wpe, *self.ln_f))
+        if self.int8:
+            head = self._head.nbytes + self.embedding.nbytes + self.embedding_scale.nbytes
+        else:
+            head = self.head.nbytes
+        total = head + sum(t.nbytes for t in (self.wpe, *self.ln_f))
         for b in self.blocks:
             total += sum(t.nbytes for t in (*b.ln_1, *b.ln_2)) + sum(m.nbytes for m in (b.c_attn, b.c_proj, b.c_fc, b.mlp_proj))
         return total
@@ -190,7 +243,7 @@ class GPT2:
         if end > store.slots:
             raise ValueError(f"slots {start}..{end - 1} do not fit a store of {store.slots}")
         H, D, E = cfg.n_head, cfg.head_dim, cfg.n_embd
-        x = self.head[:, ids.flatten()].t().view(B, T, E) + self.wpe[start:end]
+        x = self.embed(ids.flatten()).view(B, T, E) + self.wpe[start:end]
         if attn_mask is None and T > 1 and start > 0:
             attn_mask = causal_mask(T, start, self.device)
         causal = attn_mask is None and T > 1
@@ -218,7 +271,7 @@ class GPT2:
         `0..slots[r]` (of the first `width`). Hidden states `[B, E]`."""
         cfg = self.config
         B, H, D, E = ids.shape[0], cfg.n_head, cfg.head_dim, cfg.n_embd
-        x = self.head[:, ids].t() + self.wpe[positions]
+        x = self.embed(ids) + self.wpe[positions]
         seen = (torch.arange(width, device=self.device)[None, :] <= slots[:, None])[:, None, None, :]
         rows = torch.arange(B, device=self.device)
         eps = cfg.layer_norm_epsilon
@@ -238,8 +291,16 @@ class GPT2:
         h = F.layer_norm(x, (self.config.n_embd,), *b.ln_2, self.config.layer_norm_epsilon)
         return b.mlp_proj(self.activation(b.c_fc(h)))
 
+    def embed(self, ids: Tensor) -> Tensor:
+        """Token embeddings `[N, E]` for `ids` `[N]` (the columns of the tied head)."""
+        if self.int8:
+            return self.embedding[ids].float() * self.embedding_scale[ids, None]
+        return self.head[:, ids].t()
+
     def logits(self, hidden: Tensor) -> Tensor:
         """Next-token logits from hidden states (the head is tied to `wte`)."""
+        if self.int8:
+            return self._head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
         return hidden @ self.head
 
     def batch_logits(self, hidden: Tensor) -> Tensor:
@@ -247,6 +308,8 @@ class GPT2:
         made on first use (154 MB for gpt2, so only batched runs pay for it): for
         8 rows it is ~3x faster than the plain matrix, which small batches read
         once per row."""
+        if self.int8:
+            return self.logits(hidden)
         if self._batch_head is None:
             zeros = torch.zeros(self.head.shape[1], dtype=self.dtype, device=self.device)
             self._batch_head = Linear(self.head, zeros, rows=8)

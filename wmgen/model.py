@@ -7,9 +7,12 @@ pickle, no remote code, no second copy of the weights in memory.
 from __future__ import annotations
 
 import ctypes
+import math
+import mmap
 import json
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +132,18 @@ def resolve_dtype(dtype: str, device: str):
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
+    if dtype == "int8":  # int8 weights, float32 activations (GPT2's int8 mode)
+        return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def check_int8(device: str) -> None:
+    from wmgen.gpt2 import int8_available
+
+    if device != "cpu":
+        raise UsageError(f"--dtype int8 runs on the CPU only; add --device cpu (or use bfloat16 on {device})")
+    if not int8_available():
+        raise UsageError("--dtype int8 needs torch's fbgemm int8 kernels (x86 CPUs), which this torch lacks; use --dtype float32")
 
 
 def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto"):
@@ -138,6 +152,8 @@ def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto"):
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if dtype == "int8":
+        check_int8(device)
     weights_path = info.folder / "model.safetensors"
     if not weights_path.is_file():
         if any(info.folder.glob("*.bin")):
@@ -159,19 +175,45 @@ def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto"):
     if config.activation_function not in ACTIVATIONS:
         raise ModelError(f"{info.name} uses activation '{config.activation_function}', which wmgen does not implement")
     tied = {"wte.weight", "transformer.wte.weight"}
-    weights = read_safetensors(weights_path, dtype=torch_dtype, device=device, transpose=tied)
+    with mapped_allocations():
+        weights = read_safetensors(weights_path, dtype=torch_dtype, device=device, transpose=tied)
+        try:
+            return GPT2(config, weights, int8=dtype == "int8")
+        except KeyError as e:
+            raise ModelError(f"{weights_path} lacks the GPT-2 weight {e}") from None
+
+
+@contextmanager
+def mapped_allocations(threshold: int = 1 << 20, after: int = 32 << 20):
+    """While weights are repacked, have glibc serve every allocation over
+    `threshold` with its own mapping, given back when freed. Left to itself, glibc
+    moves big allocations onto its heap once a big block has been freed, and the
+    heap keeps the holes that repacking leaves behind: ~60 MB for gpt2. Afterwards
+    the threshold is `after` (glibc's own ceiling for it), so that activations are
+    reused from the heap, as glibc would do. A no-op without glibc."""
     try:
-        return GPT2(config, weights)
-    except KeyError as e:
-        raise ModelError(f"{weights_path} lacks the GPT-2 weight {e}") from None
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    M_MMAP_THRESHOLD = -3
+    mallopt(M_MMAP_THRESHOLD, threshold)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, after)
 
 
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 def read_safetensors(path: Path, *, dtype, device: str, transpose: set[str] = frozenset()) -> dict:
-    """Tensors from a safetensors file, each read straight into its final buffer.
+    """Tensors from a safetensors file, without reading it into memory first.
 
+    Each tensor is a view of its own private, copy-on-write mapping of the file:
+    its pages are read when first touched and given back as soon as the tensor is
+    freed (weights repacked at load time leave nothing behind: no second copy, no
+    holes in the heap). Tensors converted to another dtype or device are copies.
     Names in `transpose` are stored transposed (a contiguous `[in, out]` buffer,
     returned as its `.t()` view), converted row block by row block.
     """
@@ -190,33 +232,34 @@ def read_safetensors(path: Path, *, dtype, device: str, transpose: set[str] = fr
                     raise ModelError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
                 stored = getattr(torch, SAFETENSORS_DTYPES[meta["dtype"]])
                 begin, end = meta["data_offsets"]
-                f.seek(base + begin)
-                shape = meta["shape"]
+                tensor = _map_tensor(f, base + begin, end - begin, meta["shape"], stored)
                 if name in transpose:
-                    out[name] = _read_transposed(f, shape, stored, dtype, device).t()
+                    out[name] = _transposed(tensor, dtype, device).t()
                 else:
-                    out[name] = _read_tensor(f, shape, stored, end - begin).to(device=device, dtype=dtype)
+                    out[name] = tensor.to(device=device, dtype=dtype)
             return out
-    except (OSError, ValueError, KeyError, struct.error) as e:
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise ModelError(f"cannot read weights from {path}: {e}") from None
 
 
-def _read_tensor(f, shape, dtype, nbytes: int):
+def _map_tensor(f, offset: int, nbytes: int, shape, dtype):
+    """A tensor over bytes `offset..offset+nbytes` of file `f`, mapped, not read."""
     import torch
 
-    t = torch.empty(shape, dtype=dtype)
-    if nbytes and f.readinto((ctypes.c_char * nbytes).from_address(t.data_ptr())) != nbytes:
-        raise ValueError("file ends early")
-    return t
+    if nbytes != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"{nbytes} bytes do not hold a {dtype} tensor of shape {shape}")
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mapping = mmap.mmap(f.fileno(), offset + nbytes - start, offset=start, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(mapping, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - start).view(shape)
 
 
-def _read_transposed(f, shape, stored, dtype, device, rows_per_block: int = 4096):
+def _transposed(tensor, dtype, device, rows_per_block: int = 4096):
     import torch
 
-    rows, cols = shape
+    rows, cols = tensor.shape
     out = torch.empty((cols, rows), dtype=dtype, device=device)
     for start in range(0, rows, rows_per_block):
-        n = min(rows_per_block, rows - start)
-        block = _read_tensor(f, (n, cols), stored, n * cols * stored.itemsize)
-        out[:, start : start + n].copy_(block.t())
+        out[:, start : start + rows_per_block].copy_(tensor[start : start + rows_per_block].t())
     return out
