@@ -148,6 +148,18 @@ def loaded(tiny_dir):
     return load_model(info, device="cpu", dtype="float32"), tokenizer, info
 
 
+@pytest.fixture(scope="session")
+def int8_model(tiny_dir):
+    """The same checkpoint loaded with --dtype int8 (skips where torch has no int8 kernels)."""
+    from wmgen.gpt2 import int8_available
+    from wmgen.model import load_model, load_tokenizer
+
+    if not int8_available():
+        pytest.skip("this torch has no fbgemm int8 kernels (x86 CPUs only), so --dtype int8 cannot run here")
+    info, _ = load_tokenizer(str(tiny_dir))
+    return load_model(info, device="cpu", dtype="int8")
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     """No test reads or writes the real user's config or sessions."""

@@ -367,12 +367,16 @@ def test_the_plain_matrix_path_gives_the_logits_of_transformers(tiny_dir, hf_mod
     torch.testing.assert_close(torch.stack(rows), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_batched_rows_each_get_the_logits_they_get_alone(loaded):
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_batched_rows_each_get_the_logits_they_get_alone(loaded, dtype, request):
     """MemoryBatch: rows with different prompts, evicting at different steps, each see
-    exactly what a WorkingMemory of their own would."""
+    exactly what a WorkingMemory of their own would (in int8 too: no row's activations
+    are quantized together with another's)."""
     from wmgen.memory import MemoryBatch
 
     model, tokenizer, _ = loaded
+    if dtype == "int8":
+        model = request.getfixturevalue("int8_model")
     prompts = [tokenizer.encode(t) for t in ("Once", "The lighthouse keeper climbed the stairs", "def fib(n):")]
     batch = MemoryBatch(model, len(prompts), capacity=16, keep=1, evict=4)
     alone = [WorkingMemory(model, 16, 1, 4) for _ in prompts]
