@@ -98,7 +98,7 @@ def test_int8_linear_is_x_at_w_plus_b_to_int8_accuracy():
     weight, bias = torch.randn(256, 1024, generator=g), torch.randn(1024, generator=g)  # [in, out], as GPT-2 stores it
     x = torch.randn(8, 256, generator=g)
     expected = x @ weight + bias
-    got = Int8Linear(weight, bias)(x)
+    got = Int8Linear.from_weight(weight, bias)(x)
     assert got.shape == expected.shape and got.dtype == torch.float32
     relative = float((got - expected).norm() / expected.norm())
     # Measured 1.3-1.8% over seeds and shapes (in 64..256): activations are quantized to
@@ -255,6 +255,12 @@ def test_int8_where_cuda_exists_says_it_runs_on_the_cpu_only(tiny_dir, monkeypat
     result = runner.invoke(app, ["generate", "hello", "-m", str(tiny_dir), "--dtype", "int8", "--device", "cuda", "--no-save"])
     line = one_line_error(result, 2)
     assert line.startswith("wmgen: error:") and "int8" in line and "--device cpu" in line, line
+
+
+def test_int8_with_the_device_left_to_auto_runs_on_the_cpu_even_where_cuda_exists(tiny_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # auto would otherwise pick cuda
+    result = runner.invoke(app, ["generate", "hello", "-m", str(tiny_dir), "--dtype", "int8", "-n", "3", "-t", "0", "--no-save"])
+    assert ok(result).strip()
 
 
 def test_int8_on_cuda_in_a_real_process_is_one_line_without_traceback(tiny_dir):

@@ -107,15 +107,19 @@ class Int8Linear:
 
     GROUP = 16
 
-    def __init__(self, weight: Tensor, bias: Tensor, *, rows: int = 1):
-        w = weight.t().float().contiguous()  # [out, in]
-        q, scale = quantize_rows(w)
-        zero = torch.zeros(w.shape[0], dtype=torch.long)
+    def __init__(self, q: Tensor, scale: Tensor, bias: Tensor):
+        """From `quantize_rows` of the `[out, in]` weight."""
+        zero = torch.zeros(q.shape[0], dtype=torch.long)
         with warnings.catch_warnings():  # torch flags quantized tensors as legacy; its kernels are what runs fastest here
             warnings.simplefilter("ignore", UserWarning)
             qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
         self.packed = torch.ops.quantized.linear_prepack(qweight, bias.float())
         self.nbytes = q.nbytes + scale.nbytes + bias.nbytes
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, bias: Tensor) -> "Int8Linear":
+        """From a float `[in, out]` (Conv1D) weight."""
+        return cls(*quantize_rows(weight.t().float()), bias)
 
     def __call__(self, x: Tensor, group: int = GROUP) -> Tensor:
         if x.shape[0] <= group:
@@ -174,7 +178,7 @@ class GPT2:
             return w.pop(f"{prefix}.weight"), w.pop(f"{prefix}.bias")
 
         def linear(prefix: str) -> Linear | Int8Linear:
-            return (Int8Linear if int8 else Linear)(*pair(prefix))
+            return Int8Linear.from_weight(*pair(prefix)) if int8 else Linear(*pair(prefix))
 
         wte = w.pop("wte.weight")  # [V, E], possibly a transposed view
         self.wpe = w.pop("wpe.weight")
@@ -183,7 +187,7 @@ class GPT2:
             # their own int8 rows (dequantized as read): two int8 copies, together
             # half the bytes of the one float32 matrix.
             self.embedding, self.embedding_scale = quantize_rows(wte)
-            self._head = Int8Linear(wte.t(), torch.zeros(wte.shape[0]))
+            self._head = Int8Linear(self.embedding, self.embedding_scale, torch.zeros(wte.shape[0]))
             self.head = None
         else:
             # The head stored [E, V]: a batch-1 step reads it ~1.5x faster than [V, E].

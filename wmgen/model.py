@@ -7,9 +7,9 @@ pickle, no remote code, no second copy of the weights in memory.
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 import mmap
-import json
 import os
 import struct
 from contextlib import contextmanager
@@ -150,7 +150,7 @@ def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto"):
     """The network (`GPT2`) of the checkpoint `info` describes, on `device` in `dtype`."""
     from wmgen.gpt2 import ACTIVATIONS, GPT2, GPT2Config
 
-    device = resolve_device(device)
+    device = "cpu" if dtype == "int8" and device == "auto" else resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if dtype == "int8":
         check_int8(device)
