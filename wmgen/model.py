@@ -1,7 +1,7 @@
 """Finding a GPT-2 checkpoint (local folder or hub id) and loading it.
 
-Weights load from safetensors only, read straight into their final tensors: no
-pickle, no remote code, no second copy of the weights in memory.
+Weights load from safetensors only, mapped from the file rather than read into
+memory first: no pickle, no remote code, no second copy of the weights in memory.
 """
 
 from __future__ import annotations
