@@ -22,6 +22,7 @@ except ImportError:  # older typer uses click itself
 from wmgen.errors import SessionError, UsageError, WmgenError
 
 EXIT_CODES = """Exit status: 0 success (also when a reader closes the pipe), 1 runtime failure, 2 usage error, 130 interrupted by Ctrl-C (SIGINT), 143 terminated (SIGTERM)."""
+DTYPE_HELP = "auto, float32, bfloat16, float16, or int8 (opt-in, CPU: int8 weights, 2-2.7x faster, approximate; see README)."
 
 
 class Group(TyperGroup):
@@ -186,7 +187,7 @@ def generate(
     evict: Annotated[Optional[int], typer.Option("--evict", help="Tokens dropped per eviction; 1 is the exact sliding window. (default: a quarter of capacity - keep)", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local folder of a GPT-2 checkpoint. (default: gpt2)", show_default=False)] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps.", show_default=False)] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, float32, bfloat16, float16, or int8 (opt-in, CPU: int8 weights, 2-2.7x faster, approximate; see README).", show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help=DTYPE_HELP, show_default=False)] = None,
     config: Annotated[Optional[str], typer.Option("--config", help="A preset name (default, precise, creative, balanced, longform) or a .toml file.", show_default=False)] = None,
     file: Annotated[Optional[str], typer.Option("-f", "--file", help="Read the prompt from this file.", show_default=False)] = None,
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Begin with <|endoftext|>, so an empty prompt is allowed.")] = False,
@@ -670,7 +671,7 @@ def perplexity(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local folder of a GPT-2 checkpoint. (default: gpt2)", show_default=False)] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps.", show_default=False)] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, float32, bfloat16, float16, or int8 (opt-in, CPU: int8 weights, 2-2.7x faster, approximate; see README).", show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help=DTYPE_HELP, show_default=False)] = None,
     config: Annotated[Optional[str], typer.Option("--config", help="A preset name or .toml file.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No notices or progress on stderr.")] = False,
 ) -> None:
