@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import ok, one_line_error
-from wmgen import session
+from wmgen import sessions as session
 from wmgen.cli import app
 from wmgen.errors import SessionError
 
@@ -394,15 +394,15 @@ def test_bad_session_names_are_usage_errors(tiny_dir, name):
 
 def test_a_snapshot_round_trips_through_save_and_load(tmp_path):
     snap = a_snapshot([5, 6, 7], tag="héllo ✓")
-    session.save(tmp_path, "round", snap)
-    loaded = session.load(tmp_path, "round")
+    session.write(tmp_path, "round", snap)
+    loaded = session.read(tmp_path, "round")
     assert {k: v for k, v in loaded.items() if k not in ("schema_version", "name", "saved_at", "created_at")} == snap
 
 
 @pytest.mark.parametrize("where", ["json.dump", "os.replace", "os.fsync"])
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
 def test_a_crash_while_saving_leaves_the_old_session_intact_and_no_temp_file(tmp_path, monkeypatch, where, failure):
-    session.save(tmp_path, "s", a_snapshot([1, 2, 3], tag="old"))
+    session.write(tmp_path, "s", a_snapshot([1, 2, 3], tag="old"))
     path = session.path_of(tmp_path, "s")
     before = path.read_bytes()
     module_name, attr = where.split(".")
@@ -417,11 +417,11 @@ def test_a_crash_while_saving_leaves_the_old_session_intact_and_no_temp_file(tmp
     monkeypatch.setattr(module, attr, crash)
     expected = SessionError if isinstance(failure, OSError) else KeyboardInterrupt
     with pytest.raises(expected):
-        session.save(tmp_path, "s", a_snapshot(list(range(200)), tag="new"))
+        session.write(tmp_path, "s", a_snapshot(list(range(200)), tag="new"))
     monkeypatch.setattr(module, attr, real)
 
     assert path.read_bytes() == before, f"a failure in {where} changed the saved session"
-    assert session.load(tmp_path, "s")["text"] == "old"
+    assert session.read(tmp_path, "s")["text"] == "old"
     leftovers = sorted(p.name for p in path.parent.iterdir() if p.name not in ("s.json", "s.json.lock"))
     assert leftovers == [], f"a failure in {where} left {leftovers} behind"
 
@@ -447,14 +447,14 @@ def _save_repeatedly(state: str, name: str, writer: int, times: int) -> None:
     for i in range(times):
         size = 40 + 150 * writer + (i * 37) % 300  # sizes differ, so a torn write cannot look whole
         tag = f"writer {writer} save {i}"
-        session.save(Path(state), name, a_snapshot([writer * 100_000 + i] * size, tag=tag))
+        session.write(Path(state), name, a_snapshot([writer * 100_000 + i] * size, tag=tag))
 
 
 def _load_repeatedly(state: str, name: str, stop, results) -> None:
     loads, problems = 0, []
     while not stop.is_set() or loads == 0:
         try:
-            record = session.load(Path(state), name)
+            record = session.read(Path(state), name)
             if len({s["token"] for s in record["slots"]}) != 1 or len(record["slots"]) != record["fill"]:
                 problems.append(f"a mixed snapshot: {record['text']}")
         except Exception as e:  # noqa: BLE001 - any failure to load is the finding
@@ -466,7 +466,7 @@ def _load_repeatedly(state: str, name: str, stop, results) -> None:
 def test_two_processes_saving_one_session_never_leave_an_unreadable_file(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     state, name, times = str(tmp_path), "shared", 60
-    session.save(tmp_path, name, a_snapshot([0], tag="seed"))
+    session.write(tmp_path, name, a_snapshot([0], tag="seed"))
     stop, results = ctx.Event(), ctx.Queue()
     reader = ctx.Process(target=_load_repeatedly, args=(state, name, stop, results))
     writers = [ctx.Process(target=_save_repeatedly, args=(state, name, w, times)) for w in (1, 2)]
@@ -481,7 +481,7 @@ def test_two_processes_saving_one_session_never_leave_an_unreadable_file(tmp_pat
     assert [w.exitcode for w in writers] == [0, 0], "a writer failed"
     assert failed == 0, f"a reader saw {failed} unreadable versions in {loads} loads, e.g. {examples}"
 
-    record = session.load(tmp_path, name)
+    record = session.read(tmp_path, name)
     assert record["text"] in {f"writer {w} save {times - 1}" for w in (1, 2)}, record["text"]
     leftovers = sorted(p.name for p in tmp_path.joinpath("sessions").iterdir() if p.name.endswith(".tmp"))
     assert leftovers == []

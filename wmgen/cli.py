@@ -209,7 +209,7 @@ def generate(
     The final working memory is saved as session 'last' (or --session NAME);
     -c continues from it.
     """
-    from wmgen import session as sessions
+    from wmgen import sessions
     from wmgen.settings import load_settings, state_dir
 
     flags = dict(
@@ -223,7 +223,7 @@ def generate(
         raise UsageError("--continue goes with a single prompt, not --each-line or --num-samples")
     previous = None
     if continue_:
-        previous = sessions.load(state, name)
+        previous = sessions.read(state, name)
         # a continued memory keeps its model and shape unless a flag says otherwise
         kept = {"model": previous.get("model"), "capacity": previous["capacity"], "keep": previous["keep"], "evict": previous["evict"]}
         flags = {k: (v if v is not None else kept.get(k)) for k, v in flags.items()}
@@ -460,7 +460,7 @@ def save_memory(save_to, memory, tokenizer, settings, quiet: bool) -> None:
     the text was already written."""
     if save_to is None:
         return
-    from wmgen import session as sessions
+    from wmgen import sessions
     from wmgen.settings import as_dict
 
     state, name = save_to
@@ -469,7 +469,7 @@ def save_memory(save_to, memory, tokenizer, settings, quiet: bool) -> None:
         sampling=as_dict(settings)["sampling"], text=tokenizer.decode(memory.tokens),
     )  # fmt: skip
     try:
-        sessions.save(state, name, snap)
+        sessions.write(state, name, snap)
     except WmgenError as e:
         notice(f"warning: {e}", quiet)
 
@@ -525,7 +525,7 @@ def inspect_memory(
 
     Loads no model weights unless --attention is given.
     """
-    from wmgen import session as sessions
+    from wmgen import sessions
     from wmgen.settings import load_settings, state_dir
 
     if head is not None and tail is not None:
@@ -538,7 +538,7 @@ def inspect_memory(
     else:
         if any(v is not None for v in (capacity, keep, evict)):
             raise UsageError("--capacity, --keep and --evict shape a --prompt preview; a saved session keeps its own")
-        snap = sessions.load(state_dir(os.environ), sessions.check_name(session or "last"))
+        snap = sessions.read(state_dir(os.environ), sessions.check_name(session or "last"))
     if attention:
         if layer is not None and layer < 0:
             raise UsageError(f"--layer {layer}: layers are numbered from 0")
@@ -616,7 +616,7 @@ def list_sessions(
     no_color: Annotated[bool, typer.Option("--no-color", help="No colour or box drawing.")] = False,
 ) -> None:
     """List saved sessions (or delete some with --delete NAME)."""
-    from wmgen import session as sessions
+    from wmgen import sessions
     from wmgen.settings import state_dir
 
     state = state_dir(os.environ)

@@ -8,10 +8,19 @@ class WmgenError(Exception):
     exit_code = 1
 
 
-class UsageError(WmgenError):
-    """Bad input from the user: an option value, a config file, a prompt."""
+class UsageError(WmgenError, ValueError):
+    """Bad input from the user: an option value, a config file, a prompt.
+
+    `key` names the setting at fault (`capacity`, `top_p`, ...) when the error comes
+    from a layer that does not know where the value came from (the engine speaks of
+    `capacity`); whoever does know (`Settings.sources`) names the flag, variable or
+    config key in front of the message."""
 
     exit_code = 2
+
+    def __init__(self, message: str, *, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class ModelError(WmgenError):

@@ -36,7 +36,7 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def save(state: Path, name: str, snapshot: dict) -> Path:
+def write(state: Path, name: str, snapshot: dict) -> Path:
     """Write `snapshot` as session `name`: to a temporary file in the same folder,
     flushed to disk, then renamed over the old one, under a file lock."""
     from filelock import FileLock, Timeout
@@ -96,7 +96,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def load(state: Path, name: str) -> dict:
+def read(state: Path, name: str) -> dict:
     path = path_of(state, name)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -125,7 +125,7 @@ def listing(state: Path) -> list[dict]:
     out = []
     for name in names(state):
         try:
-            s = load(state, name)
+            s = read(state, name)
             out.append({"name": name, "model": s.get("model"), "fill": s.get("fill"), "capacity": s.get("capacity"),
                         "seen": s.get("counters", {}).get("seen"), "saved_at": s.get("saved_at")})  # fmt: skip
         except SessionError as e:
