@@ -57,37 +57,39 @@ class Bench:
     def __init__(self, folder: Path):
         from transformers import GPT2LMHeadModel
 
-        from wmgen.model import load_model, load_tokenizer
+        import wmgen
 
         self.folder = folder
-        self.info, self.tokenizer = load_tokenizer(str(folder))
-        self.model = load_model(self.info, device="cpu", dtype="float32")
-        self._int8 = None
+        self.lm = wmgen.load(str(folder), device="cpu", dtype="float32")
+        self.tokenizer, self.model = self.lm.tokenizer, self.lm.network
+        self._lm8 = None
         self.hf = GPT2LMHeadModel.from_pretrained(folder).eval()
         self.exact_rate: float | None = None  # the exact sliding window's, once measured
 
     @property
+    def lm8(self):
+        """The same checkpoint with --dtype int8."""
+        if self._lm8 is None:
+            import wmgen
+
+            self._lm8 = wmgen.load(str(self.folder), device="cpu", dtype="int8")
+        return self._lm8
+
+    @property
     def int8(self):
-        if self._int8 is None:
-            from wmgen.model import load_model
+        return self.lm8.network
 
-            self._int8 = load_model(self.info, device="cpu", dtype="int8")
-        return self._int8
-
-    def wmgen(self, prompt: list[int], n: int, *, evict: int | None = None, model=None) -> list[float]:
-        """Generate `n` tokens greedily after `prompt` (capacity 1024): the time of
-        each token since the start, prompt reading included. (One more token is
-        generated and not counted: the last token of a run is never read into
-        memory, so its step would be free.)"""
+    def wmgen(self, prompt: list[int], n: int, *, evict: int | None = None, lm=None) -> list[float]:
+        """Generate `n` tokens greedily after `prompt` (capacity 1024), through the
+        library as the command line does: the time of each token since the start,
+        prompt reading included. (One more token is generated and not counted: the
+        last token of a run is never read into memory, so its step would be free.)"""
         from wmgen.events import Token
-        from wmgen.generation import generate
-        from wmgen.memory import WorkingMemory
-        from wmgen.settings import RunSettings, Sampling
 
-        memory = WorkingMemory(model or self.model, 1024, 0, evict)
-        run = RunSettings(max_new_tokens=n + 1, ignore_eos=True)
+        lm = lm or self.lm
+        memory = lm.memory(1024, 0, evict)
         t0, times = time.perf_counter(), []
-        for event in generate(memory, self.tokenizer, prompt, run, Sampling(temperature=0)):
+        for event in lm.events(prompt, memory=memory, max_new_tokens=n + 1, ignore_eos=True, temperature=0):
             if isinstance(event, Token):
                 times.append(time.perf_counter() - t0)
         return times[:n]
@@ -140,7 +142,7 @@ def bench_decode(b: Bench, reps: int) -> list[tuple]:
         for _ in range(reps):  # interleaved
             runs["wmgen"].append(decode_rate(b.wmgen(prompt, 72)))
             runs["hf"].append(decode_rate(b.transformers(prompt, 72)[0]))
-            runs["int8"].append(decode_rate(b.wmgen(prompt, 72, model=b.int8)))
+            runs["int8"].append(decode_rate(b.wmgen(prompt, 72, lm=b.lm8)))
         w, h, q = (statistics.median(runs[k]) for k in ("wmgen", "hf", "int8"))
         rows.append((f"decode, {context}-token context", f"{w:.1f}", f"{h:.1f}", f"{w / h:.2f}×"))
         rows.append((f"decode, {context}-token context, `--dtype int8`", f"{q:.1f}", f"{h:.1f}", f"{q / h:.2f}×"))
@@ -243,10 +245,10 @@ def bench_ceiling(b: Bench, reps: int = 3) -> list[tuple]:
     bandwidth ÷ weight bytes. Each bandwidth reading is paired with decode runs
     right beside it, since a shared machine's bandwidth moves from minute to minute."""
     rows = []
-    for name, model in (("float32", b.model), ("int8", b.int8)):
-        pairs = []
+    for name, lm in (("float32", b.lm), ("int8", b.lm8)):
+        model, pairs = lm.network, []
         for _ in range(reps):
-            speed = decode_rate(b.wmgen(prompt_of(32), 72, model=model))
+            speed = decode_rate(b.wmgen(prompt_of(32), 72, lm=lm))
             pairs.append((bandwidth(), speed))
         bw, speed = (statistics.median(column) for column in zip(*pairs))
         share = statistics.median(s / (w / model.nbytes) for w, s in pairs)
@@ -335,14 +337,9 @@ def bench_startup(b: Bench, reps: int) -> list[tuple]:
 
 def bench_batch(b: Bench, reps: int, n: int = 48) -> list[tuple]:
     """Total tokens/s of B prompts run as one batch vs the same prompts one by one."""
-    from wmgen.generation import generate_batch
-    from wmgen.memory import MemoryBatch
-    from wmgen.settings import RunSettings, Sampling
 
     def together(prompts) -> float:
-        batch = MemoryBatch(b.model, len(prompts), 1024)
-        run = RunSettings(max_new_tokens=n + 1, ignore_eos=True)
-        return _timed(lambda: generate_batch(batch, b.tokenizer, prompts, run, Sampling(temperature=0), [0] * len(prompts)))
+        return _timed(lambda: b.lm.generate_many(prompts, max_new_tokens=n + 1, ignore_eos=True, temperature=0, capacity=1024, seed=0))
 
     rows = []
     for size in (1, 4, 8):

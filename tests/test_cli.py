@@ -197,16 +197,16 @@ def test_empty_prompt_with_from_scratch_generates_from_endoftext(tiny_dir):
 # --- working memory through the CLI --------------------------------------------
 
 
-def test_prompt_longer_than_capacity_keeps_the_most_recent_tokens_and_says_how_many_dropped(tiny_dir, hf_model, tok):
+def test_prompt_longer_than_capacity_keeps_the_most_recent_tokens_and_says_how_many_were_not_read(tiny_dir, hf_model, tok):
     ids = encode(tok, LONG_PROMPT)
     capacity = 16
     assert len(ids) > capacity
     result = generate(tiny_dir, "-t", "0", "-n", "1", "--ignore-eos", "--capacity", str(capacity), LONG_PROMPT)
     out = ok(result)
-    dropped = len(ids) - capacity
+    unread = len(ids) - capacity
     notice = result.stderr
-    assert "drop" in notice.lower() and re.search(rf"\b{dropped}\b", notice), (
-        f"stderr should say that {dropped} prompt tokens were dropped: {notice!r}"
+    assert "not read" in notice.lower() and re.search(rf"\b{unread}\b", notice), (
+        f"stderr should say that {unread} prompt tokens were not read: {notice!r}"
     )
     first = rolling_greedy(hf_model, ids[-capacity:], 1, capacity=capacity, keep=0, evict=1)
     assert out == decode(tok, first)
@@ -314,19 +314,20 @@ def test_no_prompt_at_all_is_a_usage_error(tiny_dir):
     assert result.exit_code == 2, line
 
 
-def test_missing_model_folder_is_a_usage_error_naming_the_path(tmp_path):
+def test_missing_model_folder_is_a_runtime_error_naming_the_path(tmp_path):
+    """The README's exit-status table: a model that cannot be found is status 1."""
     missing = tmp_path / "no-such-model"
     result = invoke("generate", "--model", str(missing), PROMPT)
     line = assert_one_line_error(result.stderr, result.stdout)
-    assert result.exit_code == 2, line
+    assert result.exit_code == 1, line
     assert str(missing) in line and "folder" in line, f"the message should name the path and what it needs: {line}"
 
 
-def test_relative_missing_model_folder_is_a_usage_error(tmp_path, monkeypatch):
+def test_relative_missing_model_folder_is_a_runtime_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("generate", "--model", "./nope", PROMPT)
     line = assert_one_line_error(result.stderr, result.stdout)
-    assert result.exit_code == 2, line
+    assert result.exit_code == 1, line
     assert "./nope" in line
 
 

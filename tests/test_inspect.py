@@ -279,18 +279,18 @@ def preview_expectation(ref_tok) -> tuple[list[int], int]:
 
 
 def test_prompt_preview_keeps_the_pinned_head_and_the_most_recent_tokens(tiny_dir, ref_tok):
-    kept, dropped = preview_expectation(ref_tok)
+    kept, unread = preview_expectation(ref_tok)
     args = ("inspect-memory", "--prompt", LONG_PROMPT, "--capacity", "16", "--keep", "2", "-m", str(tiny_dir))
     data = json.loads(ok(invoke(*args, "--json")))
     assert [s["token"] for s in data["slots"]] == kept
     assert data["fill"] == 16 and data["capacity"] == 16 and data["keep"] == 2
-    assert data["dropped"] == dropped
+    assert data["unread"] == unread
 
     out = ok(invoke(*args))
     assert_plain(out)
     assert [r[2] for r in rows(out)] == kept
-    said = [line for line in out.splitlines() if "dropped" in line]
-    assert said and re.search(rf"\b{dropped}\b", said[0]), f"the view does not say {dropped} tokens were dropped:\n{out}"
+    said = [line for line in out.splitlines() if "unread" in line]
+    assert said and re.search(rf"\b{unread}\b", said[0]), f"the view does not say {unread} tokens were unread:\n{out}"
     assert not session_file().exists(), "a preview saved a session"
 
 

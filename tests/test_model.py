@@ -189,16 +189,16 @@ def test_non_gpt2_config_is_refused(tiny_dir, tmp_path):
 # --- models that are not there ---------------------------------------------------------
 
 
-def test_nonexistent_relative_path_is_a_usage_error(tmp_path, monkeypatch):
+def test_nonexistent_relative_path_is_a_model_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(ModelError) as e:
         load_tokenizer("./nope")
     assert "./nope" in str(e.value)
 
 
-def test_nonexistent_absolute_path_is_a_usage_error(tmp_path):
+def test_nonexistent_absolute_path_is_a_model_error(tmp_path):
     missing = tmp_path / "nope"
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(ModelError) as e:
         load_tokenizer(str(missing))
     assert str(missing) in str(e.value)
 

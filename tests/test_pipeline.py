@@ -170,9 +170,9 @@ def test_jsonl_eviction_events_come_just_before_the_token_that_caused_them(jsonl
     assert evictions, "the run should have evicted (capacity 16, 40 new tokens)"
     for i in evictions:
         e, after = events[i], events[i + 1]
-        assert set(e) == {"type", "dropped", "recomputed", "fill"}, e
-        assert e["dropped"] == 4 and e["recomputed"] == 16 - 4, e  # keep 0: all that stays is recomputed
-        assert after["type"] == "token" and after.get("evicted") == e["dropped"], (e, after)
+        assert set(e) == {"type", "evicted", "recomputed", "fill"}, e
+        assert e["evicted"] == 4 and e["recomputed"] == 16 - 4, e  # keep 0: all that stays is recomputed
+        assert after["type"] == "token" and after.get("evicted") == e["evicted"], (e, after)
     assert sum(1 for e in events if e["type"] == "token" and e.get("evicted")) == len(evictions)
 
 
@@ -184,7 +184,7 @@ def test_jsonl_end_event_has_reason_counts_timings_and_rate(jsonl_and_json):
     assert end["reason"] == "length"
     assert end["generated"] == 40
     assert end["evictions"] == len(evictions)
-    assert end["evicted"] == sum(e["dropped"] for e in evictions)
+    assert end["evicted"] == sum(e["evicted"] for e in evictions)
     assert end["recomputed"] == sum(e["recomputed"] for e in evictions)
     assert end["fill"] == tokens[-1]["fill"] and end["capacity"] == 16
     for key in ("prefill_s", "first_token_s", "elapsed_s", "tokens_per_s"):
@@ -279,8 +279,9 @@ def test_batched_greedy_equals_each_prompt_alone_token_for_token(tiny_dir, tok, 
         check_result(record, tok, line=record["line"], prompt=prompt)
         single = alone(tiny_dir, prompt, "-t", "0", *args)
         assert record["tokens"] == single["tokens"], f"line {record['line']} ({prompt[:20]!r}): batched differs from alone"
-        for key in ("evictions", "evicted", "fill", "dropped"):
-            assert record["stats"][key] == single["stats"].get(key, single.get(key)), (key, record["line"])
+        for key in ("evictions", "evicted", "fill"):
+            assert record["stats"][key] == single["stats"][key], (key, record["line"])
+        assert record["unread"] == single["unread"], record["line"]
     if "--capacity" in args:
         assert any(r["stats"]["evictions"] for r in records), "the rows should have evicted"
 
@@ -292,7 +293,7 @@ def test_each_line_seeded_sampling_equals_each_line_alone_with_the_same_seed(tin
     assert len(records) == 3
     for record, prompt in zip(records, lines):
         assert record["tokens"] == alone(tiny_dir, prompt, *args)["tokens"], f"line {record['line']}"
-        assert record["stats"]["seed"] == 11
+        assert record["seed"] == 11
 
 
 def test_num_samples_gives_reproducible_samples_each_equal_to_a_run_with_seed_plus_i(tiny_dir, tok):

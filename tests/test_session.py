@@ -119,7 +119,7 @@ def saved(saved_once) -> Path:
 def a_snapshot(tokens: list[int], tag: str = "") -> dict:
     """A small, valid snapshot, as plain data (what `save` is given)."""
     return {
-        "capacity": 64,
+        "capacity": max(64, len(tokens)),  # a valid session holds at most `capacity` tokens
         "keep": 0,
         "evict": 16,
         "fill": len(tokens),
@@ -502,9 +502,10 @@ def test_sessions_lists_the_saved_sessions_by_name(tiny_dir, saved):
 
 
 def test_sessions_with_none_saved_says_so(tiny_dir):
-    out = ok(invoke("sessions"))
+    result = invoke("sessions")
     assert json.loads(ok(invoke("sessions", "--json"))) == []
-    assert out.strip(), "an empty listing printed nothing at all"
+    assert ok(result) == "", "piped, stdout carries one line per session and nothing else"
+    assert "no saved sessions" in result.stderr, "an empty listing said nothing at all"
 
 
 def test_sessions_delete_removes_one_session(saved):

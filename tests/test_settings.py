@@ -339,9 +339,11 @@ def test_bad_flag_value_names_the_flag(env, flag, value, name):
 
 
 def test_a_good_flag_does_not_hide_a_bad_lower_layer_value_it_overrides(env):
-    """A flag replaces the value below it, so the bad one never matters."""
-    s = load_settings(flags={"top_p": 0.5}, env={**env, "WMGEN_TOP_P": "7"})
-    assert s.sampling.top_p == 0.5
+    """Every layer is checked in its own right: the bad value is reported where it is
+    written, though the flag would have replaced it."""
+    with pytest.raises(UsageError) as e:
+        load_settings(flags={"top_p": 0.5}, env={**env, "WMGEN_TOP_P": "7"})
+    assert "WMGEN_TOP_P" in str(e.value)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
-"""The wmgen command line: parses, picks a writer, prints. No torch at import time,
-so `wmgen --help` is instant; generation logic lives elsewhere."""
+"""The wmgen command line: parses flags, calls the library (`wmgen.api`), picks a
+writer, prints, and maps errors to exit codes. No torch at import time, so `wmgen
+--help` is instant; the application's work lives in the library."""
 
 from __future__ import annotations
 
@@ -19,15 +20,19 @@ try:  # typer >= 0.29 raises its own copy of click's exceptions
 except ImportError:  # older typer uses click itself
     from click import exceptions as click_errors
 
-from wmgen.errors import SessionError, UsageError, WmgenError
+from wmgen.errors import UsageError, WmgenError
 
 EXIT_CODES = """Exit status: 0 success (also when a reader closes the pipe), 1 runtime failure, 2 usage error, 130 interrupted by Ctrl-C (SIGINT), 143 terminated (SIGTERM)."""
 DTYPE_HELP = "auto, float32, bfloat16, float16, or int8 (opt-in, CPU: int8 weights, 2-2.7x faster, approximate; see README)."
+# The most text wmgen reads from a file or stdin: far more than any model's window
+# (a long book is ~1 MiB); past it the input is refused rather than read until
+# memory runs out (-f /dev/zero).
+MAX_TEXT_BYTES = 64 << 20
 
 
 class Group(TyperGroup):
     """Every error becomes one line on stderr and an exit status; tracebacks only
-    with WMGEN_DEBUG=1."""
+    with --debug or WMGEN_DEBUG=1."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         code = run_guarded(lambda: super(Group, self).main(args, prog_name, complete_var, standalone_mode=False, **extra))
@@ -41,7 +46,9 @@ def run_guarded(call) -> int:
         result = call()
         if result == 130:  # Ctrl-C before generation began (typer turned it into an exit)
             error("interrupted")
-        return result if isinstance(result, int) else 0
+        code = result if isinstance(result, int) else 0
+        flush_stdout()
+        return code
     except click_errors.NoArgsIsHelpError as e:
         try:  # the help, on stdout like --help
             print(e.ctx.get_help() if e.ctx else e.format_message(), flush=True)
@@ -55,13 +62,14 @@ def run_guarded(call) -> int:
     except click_errors.ClickException as e:
         error(e.format_message())
         return e.exit_code
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         error("interrupted")
         return 130
     except WmgenError as e:
         error(str(e))
         return e.exit_code
-    except BrokenPipe:
+    except (BrokenPipe, BrokenPipeError):  # a reader closed stdout: end quietly, whatever the command
+        quiet_stdout()
         return 0
     except Interrupted as e:
         return e.code
@@ -70,6 +78,21 @@ def run_guarded(call) -> int:
             raise
         error(f"internal error: {type(e).__name__}: {e} (run with --debug or WMGEN_DEBUG=1 to see the traceback)")
         return 1
+
+
+def flush_stdout() -> None:
+    """The last flush, here rather than at exit, so that its failure is reported."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise BrokenPipe from None
+    except OSError as e:
+        from wmgen.errors import OutputError
+
+        quiet_stdout()
+        raise OutputError(f"cannot write to standard output: {e.strerror or e}") from None
+    except (AttributeError, ValueError):  # no stdout, or a closed one
+        pass
 
 
 class BrokenPipe(Exception):
@@ -84,12 +107,22 @@ class Interrupted(Exception):
 
 
 def error(message: str) -> None:
-    print(f"wmgen: error: {message}", file=sys.stderr)
+    warn(f"error: {message}")
 
 
 def notice(message: str, quiet: bool = False) -> None:
     if not quiet:
-        print(f"wmgen: {message}", file=sys.stderr)
+        warn(message)
+
+
+def warn(message: str) -> None:
+    """One line on stderr; nothing at all when stderr is closed (never on stdout)."""
+    if sys.stderr is None:
+        return
+    try:
+        print(f"wmgen: {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 app = typer.Typer(
@@ -122,7 +155,17 @@ def root(
     DEBUG["on"] = debug
 
 
-def stdin_text() -> str | None:
+# --- reading text ------------------------------------------------------------------
+
+
+def read_limited(stream, where: str) -> bytes:
+    data = stream.read(MAX_TEXT_BYTES + 1)
+    if len(data) > MAX_TEXT_BYTES:
+        raise UsageError(f"{where} holds more than {MAX_TEXT_BYTES >> 20} MiB of text, more than wmgen reads; cut it first (e.g. head -c 1M)")
+    return data
+
+
+def stdin_text(*, quiet: bool = True) -> str | None:
     """Piped or redirected stdin, or None when it is a terminal or absent."""
     stream = sys.stdin
     if stream is None or stream.isatty():
@@ -131,10 +174,22 @@ def stdin_text() -> str | None:
         mode = os.fstat(stream.fileno()).st_mode
         if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)):
             return None
+        if stat.S_ISFIFO(mode) and not quiet and not waiting_is_quick(stream.fileno()):
+            notice("waiting for text on stdin (add --no-stdin to ignore it)")
     except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
         pass  # an in-memory stream (tests): read it
-    data = stream.buffer.read() if hasattr(stream, "buffer") else stream.read().encode()
+    data = read_limited(stream.buffer, "stdin") if hasattr(stream, "buffer") else stream.read(MAX_TEXT_BYTES + 1).encode()
     return decode_utf8(data, "stdin")
+
+
+def waiting_is_quick(fd: int, seconds: float = 1.0) -> bool:
+    """Whether a pipe has something to read (or is closed) within `seconds`."""
+    import select
+
+    try:
+        return bool(select.select([fd], [], [], seconds)[0])
+    except (OSError, ValueError):
+        return True
 
 
 def decode_utf8(data: bytes, where: str) -> str:
@@ -147,28 +202,73 @@ def decode_utf8(data: bytes, where: str) -> str:
 
 
 def read_utf8_file(path: str, what: str) -> str:
+    """A text file (or a pipe, as `-f <(cmd)` gives), at most MAX_TEXT_BYTES."""
+    if path == "-":
+        text = stdin_text()
+        if text is None:
+            raise UsageError(f"no text on stdin for the {what}: pipe some in, or give a file")
+        return text
     try:
         with open(path, "rb") as f:
-            return decode_utf8(f.read(), path)
+            return decode_utf8(read_limited(f, path), path)
     except IsADirectoryError:
         raise UsageError(f"{path} is a folder; give a {what}") from None
     except OSError as e:
         raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
-def read_prompt(argument: str | None, file: str | None, *, required: bool = True) -> str:
+def read_prompt(argument: str | None, file: str | None, *, required: bool = True, use_stdin: bool = True, quiet: bool = True) -> str:
     """The prompt: the text of -f FILE or piped stdin (less the one trailing newline
     echo and editors add), then the argument on a line of its own."""
+    from wmgen.settings import check_utf8
+
+    if argument not in (None, "-"):
+        check_utf8(argument, "the prompt")
     if file is not None:
         source = read_utf8_file(file, "prompt file")
     else:
-        source = stdin_text()
+        source = stdin_text(quiet=quiet) if use_stdin else None
         if source is None and argument in (None, "-") and required:
-            raise UsageError('no prompt: give one as an argument, pipe text on stdin, or use -f FILE (e.g. wmgen generate "Once upon a time")')
+            hint = " (--no-stdin was given)" if not use_stdin else ""
+            raise UsageError(f'no prompt{hint}: give one as an argument, pipe text on stdin, or use -f FILE (e.g. wmgen generate "Once upon a time")')
     parts = [source.removesuffix("\n")] if source else []
     if argument not in (None, "-"):
         parts.append(argument)
     return "\n".join(parts)
+
+
+# --- settings and the model ----------------------------------------------------------
+
+
+def build_settings(flags: dict, config: str | None, quiet: bool):
+    """Settings from the layers (presets, user config, WMGEN_*, flags); unknown
+    WMGEN_* variables are warned about once."""
+    from wmgen.settings import load_settings, unknown_env, unknown_env_warning
+
+    for name in unknown_env(os.environ):
+        notice(f"warning: {unknown_env_warning(name)}", quiet)
+    return load_settings(flags=flags, env=os.environ, config=config)
+
+
+def open_model(settings, quiet: bool = False, color: bool = True):
+    """The library's model; a spinner on a terminal while the weights are read."""
+    from contextlib import contextmanager
+
+    from wmgen.api import Model
+
+    @contextmanager
+    def loading(name: str):
+        plain = not color or os.environ.get("NO_COLOR") or sys.stderr is None or not sys.stderr.isatty()
+        if quiet or plain:  # a spinner is terminal control codes
+            yield
+        else:
+            from rich.console import Console
+
+            with Console(stderr=True).status(f"loading {name}"):
+                yield
+        collect_garbage_from_now_on()
+
+    return Model(settings, loading=loading)
 
 
 @app.command()
@@ -189,7 +289,8 @@ def generate(
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps.", show_default=False)] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help=DTYPE_HELP, show_default=False)] = None,
     config: Annotated[Optional[str], typer.Option("--config", help="A preset name (default, precise, creative, balanced, longform) or a .toml file.", show_default=False)] = None,
-    file: Annotated[Optional[str], typer.Option("-f", "--file", help="Read the prompt from this file.", show_default=False)] = None,
+    file: Annotated[Optional[str], typer.Option("-f", "--file", help="Read the prompt from this file (- for stdin).", show_default=False)] = None,
+    no_stdin: Annotated[bool, typer.Option("--no-stdin", help="Do not read stdin, even when it is piped (for loops that read their own input).")] = False,
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Begin with <|endoftext|>, so an empty prompt is allowed.")] = False,
     echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the continuation.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings and memory counters on stderr at the end.")] = False,
@@ -210,8 +311,9 @@ def generate(
     -c continues from it.
     """
     from wmgen import sessions
-    from wmgen.settings import load_settings, state_dir
+    from wmgen.settings import check_utf8, coerce, state_dir
 
+    check_utf8(separator, "--separator")
     flags = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos,
@@ -219,26 +321,35 @@ def generate(
     )  # fmt: skip
     state = state_dir(os.environ)
     name = sessions.check_name(session or "last")
-    if continue_ and (each_line or num_samples > 1):
-        raise UsageError("--continue goes with a single prompt, not --each-line or --num-samples")
-    previous = None
-    if continue_:
-        previous = sessions.read(state, name)
-        # a continued memory keeps its model and shape unless a flag says otherwise
-        kept = {"model": previous.get("model"), "capacity": previous["capacity"], "keep": previous["keep"], "evict": previous["evict"]}
-        flags = {k: (v if v is not None else kept.get(k)) for k, v in flags.items()}
-    settings = load_settings(flags=flags, env=os.environ, config=config)
     if format_ not in FORMATS:
         raise UsageError(f"--format {format_!r} is not one of {', '.join(FORMATS)}")
+    if continue_ and (each_line or num_samples > 1):
+        raise UsageError("--continue goes with a single prompt, not --each-line or --num-samples")
+    if continue_ and keep == "prompt":
+        raise UsageError("--keep prompt pins a new memory's prompt; with -c the memory keeps its pinned head (give a count to change it)")
+    previous = sessions.read(state, name) if continue_ else None
+    if previous is not None and model is None:
+        flags["model"] = previous["model"]  # a continued memory keeps its model unless --model says otherwise
+    settings = build_settings(flags, config, quiet)
     out = Output(format_, echo=echo, stats=stats, quiet=quiet, color=not no_color and not os.environ.get("NO_COLOR"))
     if each_line or num_samples > 1:
-        prompts = read_prompts(prompt, file, each_line=each_line, samples=num_samples)
+        prompts = read_prompts(prompt, file, each_line=each_line, samples=num_samples, from_scratch=from_scratch, use_stdin=not no_stdin)
         run_many(settings, prompts, out, from_scratch=from_scratch, batch_size=batch_size, separator=separator)
         return
-    text = read_prompt(prompt, file, required=previous is None and not from_scratch)
+    text = read_prompt(prompt, file, required=previous is None and not from_scratch, use_stdin=not no_stdin, quiet=quiet)
     if not text and not from_scratch and previous is None:
         raise UsageError("the prompt is empty; give some text, or --from-scratch to start from <|endoftext|>")
-    run_generate(settings, text, out, previous=previous, save_to=None if no_save else (state, name), from_scratch=from_scratch)
+    lm = open_model(settings, out.quiet, out.color)
+    memory = None
+    if previous is not None:
+        shape = {k: coerce(k, v, f"--{k}") for k, v in (("capacity", capacity), ("keep", keep), ("evict", evict)) if v is not None}
+        try:
+            memory = lm.restore(previous, source=f"session '{name}'", **shape)
+        except UsageError as e:
+            raise blamed(e, settings) from None
+        if lost := previous["fill"] - memory.fill:
+            notice(f"the session held {previous['fill']} tokens; capacity {memory.capacity} keeps {memory.fill} ({lost} dropped)", out.quiet)
+    run_generate(lm, text, out, memory=memory, save_to=None if no_save else (state, name), from_scratch=from_scratch)
 
 
 FORMATS = ("text", "jsonl", "json")
@@ -290,6 +401,12 @@ class Signals:
             raise Interrupted(128 + self.received)
 
 
+def blamed(e: UsageError, settings) -> UsageError:
+    from wmgen.settings import blame
+
+    return blame(e, settings)
+
+
 def make_writer(out: Output, text: str, about: dict):
     from wmgen.render import JsonlWriter, JsonWriter, TextWriter
 
@@ -300,70 +417,99 @@ def make_writer(out: Output, text: str, about: dict):
     return TextWriter(sys.stdout, echo_text=text if out.echo else None)
 
 
-def run_generate(settings, text: str, out: Output, *, previous, save_to, from_scratch: bool) -> None:
-    from wmgen.model import load_tokenizer
-
-    info, tokenizer = load_tokenizer(settings.model.name)
-    if previous is not None:
-        check_same_tokenizer(previous, tokenizer)
-    prompt_ids = ([tokenizer.eos_id] if from_scratch else []) + tokenizer.encode(text)
-    if not prompt_ids and previous is None:
-        raise UsageError("the prompt is empty after tokenizing; give some text, or --from-scratch")
-
-    from wmgen.memory import CONTINUED, PROMPT, WorkingMemory
-    from wmgen.window import resolve_shape
-
-    capacity, keep, evict = resolve_shape(settings.memory, info.n_positions, len(prompt_ids))
-    model = load_with_status(info, settings, out.quiet, out.color)
-    memory = WorkingMemory(model, capacity, keep, evict)
-    if previous is not None and (lost := memory.restore(previous)):
-        notice(f"the session held {previous['fill']} tokens; --capacity {capacity} keeps {previous['fill'] - lost}", out.quiet)
-
+def run_generate(lm, text: str, out: Output, *, memory, save_to, from_scratch: bool) -> None:
+    """One prompt: stream its events to the writer, save the memory, report."""
+    from wmgen.errors import OutputError
     from wmgen.events import Finished, Started
-    from wmgen.generation import generate
     from wmgen.render import PipeClosed, stats_line
     from wmgen.settings import as_dict
 
-    about = {"model": model_id(settings.model.name), "settings": as_dict(settings)}
+    settings = lm.settings
+    about = {"model": lm.name, "settings": as_dict(settings)}
     writer = make_writer(out, text, about)
-    origin = CONTINUED if previous is not None else PROMPT
+    ids = lm.encode(text, from_scratch=from_scratch)
+    if not ids and memory is None:
+        raise UsageError("the prompt is empty after tokenizing; give some text, or --from-scratch")
+    if memory is None:
+        memory = lm.memory(*lm.shape(prompt_tokens=len(ids)))
     with Signals() as signals:
-        events = generate(memory, tokenizer, prompt_ids, settings.run, settings.sampling,
-                          eos_id=model.config.eos_token_id, origin=origin, should_stop=signals.stop_requested)  # fmt: skip
+        events = lm.events(ids, memory=memory, should_stop=signals.stop_requested)
         try:
             for event in events:
                 if isinstance(event, Started):
-                    settings = with_seed(settings, event.seed)  # saved, so a run can be repeated
-                    if event.dropped:
-                        notice(f"the prompt has {event.prompt_tokens} tokens; memory holds {capacity}: "
-                               f"{event.dropped} tokens before the last {capacity - keep} were dropped", out.quiet)  # fmt: skip
-                writer.write(event)
+                    about["settings"]["sampling"]["seed"] = event.seed  # said, so a run can be repeated
+                    if event.unread:
+                        notice(f"the prompt has {event.prompt_tokens} tokens; memory holds {memory.capacity}: "
+                               f"{event.unread} tokens before the last {memory.capacity - memory.keep} were not read", out.quiet)  # fmt: skip
                 if isinstance(event, Finished):
+                    saved = save_memory(save_to, memory)
+                    writer.write(event, **saved)
                     if out.format == "text" and writer.wrote_any and sys.stdout.isatty():
                         print()  # leave the shell prompt on a line of its own
                     if out.stats:
-                        print(stats_line(event), file=sys.stderr)
+                        warn_line(stats_line(event))
+                else:
+                    writer.write(event)
         except PipeClosed:
             quiet_stdout()
-            save_memory(save_to, memory, tokenizer, settings, quiet=True)
+            events.close()
+            save_memory(save_to, memory, report=False)
             raise BrokenPipe from None
-        save_memory(save_to, memory, tokenizer, settings, out.quiet)
+        except OutputError:
+            quiet_stdout()
+            events.close()
+            save_memory(save_to, memory)
+            raise
         signals.exit_if_received(out.quiet)
 
 
-def read_prompts(argument: str | None, file: str | None, *, each_line: bool, samples: int) -> list[tuple[int | None, int | None, str]]:
+def warn_line(text: str) -> None:
+    if sys.stderr is not None:
+        try:
+            print(text, file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+
+
+def save_memory(save_to, memory, *, report: bool = True) -> dict:
+    """Save the memory as a session (unless --no-save), as the session name asked
+    for or, when that name holds a session this memory must not replace, the next
+    free one. A failure is a warning, never silenced by -q (the text was already
+    written). Returns what the JSON output says about it."""
+    if save_to is None:
+        return {"saved": False, "session": None}
+    from wmgen import sessions
+
+    state, name = save_to
+    try:
+        used = sessions.save(memory, name, home=state, fallback=True)
+    except WmgenError as e:
+        if report:
+            warn(f"warning: the memory was not saved: {e}")
+        return {"saved": False, "session": None, "save_error": str(e)}
+    if used != name and report:
+        warn(f"warning: session '{name}' was made with another tokenizer or cannot be read, so it is kept; this memory is saved as '{used}'")
+    return {"saved": True, "session": used}
+
+
+def read_prompts(argument: str | None, file: str | None, *, each_line: bool, samples: int, from_scratch: bool = False,
+                 use_stdin: bool = True) -> list[tuple[int | None, int | None, str]]:  # fmt: skip
     """(line number, sample number, prompt) for every row of a batched run."""
     if not each_line:
-        text = read_prompt(argument, file)
-        if not text:
-            raise UsageError("the prompt is empty; give some text to sample from")
+        text = read_prompt(argument, file, required=not from_scratch, use_stdin=use_stdin)
+        if not text and not from_scratch:
+            raise UsageError("the prompt is empty; give some text to sample from, or --from-scratch")
         return [(None, i, text) for i in range(samples)]
     if file is not None:
         source = read_prompt(None, file)
     else:
-        source = stdin_text()
+        source = stdin_text() if use_stdin else None
         if source is None:
             raise UsageError("--each-line reads one prompt per line from stdin or -f FILE; neither has any")
+    if argument not in (None, "-"):
+        from wmgen.settings import check_utf8
+
+        check_utf8(argument, "the prompt")
     suffix = argument if argument not in (None, "-") else None
     rows = [
         (number, sample if samples > 1 else None, line + ("\n" + suffix if suffix else ""))
@@ -379,119 +525,51 @@ def read_prompts(argument: str | None, file: str | None, *, each_line: bool, sam
 def run_many(settings, prompts, out: Output, *, from_scratch: bool, batch_size: int, separator: str) -> None:
     """Several prompts (or samples), batch by batch; results in input order."""
     import secrets
+    from time import perf_counter
 
-    from wmgen.model import load_tokenizer
-    from wmgen.window import resolve_shape
+    from wmgen.render import PipeClosed, generation_record, put, put_line
 
-    info, tokenizer = load_tokenizer(settings.model.name)
-    ids = [([tokenizer.eos_id] if from_scratch else []) + tokenizer.encode(text) for _, _, text in prompts]
-    shapes = [resolve_shape(settings.memory, info.n_positions, len(row)) for row in ids]
-    model = load_with_status(info, settings, out.quiet, out.color)
-
-    from wmgen.generation import generate_batch
-    from wmgen.memory import MemoryBatch
-    from wmgen.render import PipeClosed, put_line, result_record
-
+    lm = open_model(settings, out.quiet, out.color)
     base = settings.sampling.seed if settings.sampling.seed is not None else secrets.randbits(62)
     seeds = [base + (sample or 0) for _, sample, _ in prompts]  # each line as if run alone with --seed
-    records, total, elapsed = [], 0, 0.0
+    records, total = [], 0
+    t0 = perf_counter()
     with Signals() as signals:
+        results = lm.generate_each([text for _, _, text in prompts], seed=seeds, batch_size=batch_size,
+                                   from_scratch=from_scratch, should_stop=signals.stop_requested)  # fmt: skip
         try:
-            for start in range(0, len(prompts), batch_size):
-                chunk = range(start, min(start + batch_size, len(prompts)))
-                capacity, _, evict = shapes[start]
-                batch = MemoryBatch(model, len(chunk), capacity, [shapes[i][1] for i in chunk], evict)
-                results = generate_batch(batch, tokenizer, [ids[i] for i in chunk], settings.run, settings.sampling,
-                                         [seeds[i] for i in chunk], eos_id=model.config.eos_token_id,
-                                         should_stop=signals.stop_requested)  # fmt: skip
-                elapsed += results[0].elapsed_s
-                for i, result in zip(chunk, results):
-                    line, sample, text = prompts[i]
-                    total += len(result.tokens)
-                    record = result_record(result, line=line, sample=sample, prompt=text)
-                    if out.format == "jsonl":
-                        put_line(sys.stdout, record)
-                    elif out.format == "json":
-                        records.append(record)
-                    else:
-                        write_text(((text if out.echo else "") + result.text) + "\n" + separator + "\n")
-                if signals.stop_requested():
-                    break
+            for i, g in enumerate(results):
+                line, sample, text = prompts[i]
+                total += len(g.tokens)
+                record = {"type": "result"} | ({"line": line} if line is not None else {}) | ({"sample": sample} if sample is not None else {})
+                record |= generation_record(g)
+                if out.format == "jsonl":
+                    put_line(sys.stdout, record)
+                elif out.format == "json":
+                    records.append(record)
+                else:
+                    put(sys.stdout, ((text if out.echo else "") + g.text) + "\n" + separator + "\n")
             if out.format == "json":
                 put_line(sys.stdout, records, indent=1)
-        except (PipeClosed, BrokenPipeError):
+        except PipeClosed:
             quiet_stdout()
             raise BrokenPipe from None
         if out.stats:
+            elapsed = perf_counter() - t0
             rate = total / elapsed if elapsed else 0.0
-            print(f"{len(prompts)} prompts · generated {total} tokens · {elapsed:.2f} s · {rate:.1f} tokens/s in all", file=sys.stderr)
+            warn_line(f"{len(prompts)} prompts · generated {total} tokens · {elapsed:.2f} s · {rate:.1f} tokens/s in all")
         signals.exit_if_received(out.quiet)
 
 
-def write_text(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-
-def with_seed(settings, seed: int):
-    from dataclasses import replace
-
-    return replace(settings, sampling=replace(settings.sampling, seed=seed))
-
-
-def model_id(name: str) -> str:
-    """A hub id as given; a local folder as an absolute path, so -c works from anywhere."""
-    from pathlib import Path
-
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.is_dir() else name
-
-
-def check_same_tokenizer(previous: dict, tokenizer) -> None:
-    if previous.get("tokenizer") != tokenizer.fingerprint:
-        raise SessionError(
-            f"session '{previous.get('name')}' was made with another tokenizer (model {previous.get('model')}); "
-            f"continue it with --model {previous.get('model')}, or start a new session with --session NAME"
-        )
-
-
-def save_memory(save_to, memory, tokenizer, settings, quiet: bool) -> None:
-    """Save the memory as a session, unless --no-save; a failure is a notice, since
-    the text was already written."""
-    if save_to is None:
-        return
-    from wmgen import sessions
-    from wmgen.settings import as_dict
-
-    state, name = save_to
-    snap = memory.snapshot(
-        token_text=tokenizer.token_text, model=model_id(settings.model.name), tokenizer=tokenizer.fingerprint,
-        sampling=as_dict(settings)["sampling"], text=tokenizer.decode(memory.tokens),
-    )  # fmt: skip
-    try:
-        sessions.write(state, name, snap)
-    except WmgenError as e:
-        notice(f"warning: {e}", quiet)
-
-
 def quiet_stdout() -> None:
-    """After a closed pipe: point stdout at /dev/null so the final flush is silent."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-
-
-def load_with_status(info, settings, quiet: bool, color: bool = True):
-    from wmgen.model import load_model
-
-    if quiet or not color or not sys.stderr.isatty():  # a spinner is terminal control codes
-        model = load_model(info, device=settings.model.device, dtype=settings.model.dtype)
-    else:
-        from rich.console import Console
-
-        with Console(stderr=True).status(f"loading {info.name}"):
-            model = load_model(info, device=settings.model.device, dtype=settings.model.dtype)
-    collect_garbage_from_now_on()
-    return model
+    """After a closed pipe or a failed write: point stdout at /dev/null so that the
+    final flush is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
 
 
 def console_for(no_color: bool):
@@ -526,87 +604,50 @@ def inspect_memory(
     Loads no model weights unless --attention is given.
     """
     from wmgen import sessions
-    from wmgen.settings import load_settings, state_dir
+    from wmgen.settings import state_dir
 
     if head is not None and tail is not None:
         raise UsageError("--head and --tail cannot be used together; pick one")
     if as_json and as_text:
         raise UsageError("--json and --text cannot be used together; pick one")
+    if layer is not None and not attention:
+        raise UsageError("--layer goes with --attention")
+    if layer is not None and layer < 0:
+        raise UsageError(f"--layer {layer}: layers are numbered from 0")
     if prompt is not None:
         flags = dict(capacity=capacity, keep=keep, evict=evict, model=model, device=device, dtype=dtype)
-        snap = preview_prompt(load_settings(flags=flags, env=os.environ, config=config), read_prompt(prompt, None))
+        lm = open_model(build_settings(flags, config, quiet=False), color=not no_color)
+        snap = lm.preview(read_prompt(prompt, None))
     else:
         if any(v is not None for v in (capacity, keep, evict)):
             raise UsageError("--capacity, --keep and --evict shape a --prompt preview; a saved session keeps its own")
-        snap = sessions.read(state_dir(os.environ), sessions.check_name(session or "last"))
+        name = sessions.check_name(session or "last")
+        snap = sessions.read(state_dir(os.environ), name)
+        lm = None
+        if attention:
+            flags = dict(model=model or snap.get("model"), device=device, dtype=dtype)
+            lm = open_model(build_settings(flags, config, quiet=False), color=not no_color)
     if attention:
-        if layer is not None and layer < 0:
-            raise UsageError(f"--layer {layer}: layers are numbered from 0")
-        flags = dict(model=model or snap.get("model"), device=device, dtype=dtype)
-        color = not no_color and not os.environ.get("NO_COLOR")
-        snap["attention"] = attention_shares(snap, load_settings(flags=flags, env=os.environ, config=config), layer, color)
-    elif layer is not None:
-        raise UsageError("--layer goes with --attention")
+        try:
+            snap["attention"] = {"layer": layer, "shares": lm.attention(snap, layer)}
+        except UsageError as e:
+            raise UsageError(f"--{e}") if e.key == "layer" else e from None
 
     if as_json:
         import json
 
-        from wmgen.render import select_slots
+        from wmgen.render import put, select_slots
 
-        print(json.dumps(snap | {"slots": select_slots(snap["slots"], head, tail)}, ensure_ascii=False, indent=1))
+        put(sys.stdout, json.dumps(snap | {"slots": select_slots(snap["slots"], head, tail)}, ensure_ascii=False, indent=1) + "\n")
     elif as_text:
-        sys.stdout.write(snap.get("text", ""))
-        if sys.stdout.isatty():
-            print()
+        from wmgen.render import put
+
+        put(sys.stdout, snap.get("text", "") + ("\n" if sys.stdout.isatty() else ""))
     else:
         from wmgen.render import show_memory
 
         console, plain = console_for(no_color)
         show_memory(snap, console, head=head, tail=tail, plain=plain)
-
-
-def preview_prompt(settings, text: str) -> dict:
-    """How `text` would fill a memory: tokenizer only, no weights."""
-    from wmgen.model import load_tokenizer
-    from wmgen.window import describe, fit, kv_bytes_per_token, resolve_shape
-
-    info, tokenizer = load_tokenizer(settings.model.name)
-    ids = tokenizer.encode(text)
-    if not ids:
-        raise UsageError("the prompt is empty; give some text to preview")
-    capacity, keep, evict = resolve_shape(settings.memory, info.n_positions, min(len(ids), info.n_positions - 1))
-    kept, dropped = fit(ids, capacity, keep)
-    bytes_per_value = 2 if settings.model.dtype in ("bfloat16", "float16") else 4
-    snap = describe(
-        kept, ["prompt"] * len(kept), [None] * len(kept), capacity=capacity, keep=keep, evict=evict,
-        counters={"evictions": 0, "evicted": 0, "recomputed": 0, "seen": len(kept)},
-        kv_bytes_per_token=kv_bytes_per_token(info.n_layer, info.n_embd, bytes_per_value), token_text=tokenizer.token_text,
-        model=model_id(settings.model.name), tokenizer=tokenizer.fingerprint, text=tokenizer.decode(kept),
-    )  # fmt: skip
-    return snap | {"name": "(prompt preview)", "prompt_tokens": len(ids), "dropped": dropped}
-
-
-def attention_shares(snap: dict, settings, layer: int | None, color: bool) -> dict:
-    """Per slot, the share of attention the last slot's query gives it (mean over heads, and layers)."""
-    from wmgen.model import load_tokenizer
-
-    info, tokenizer = load_tokenizer(settings.model.name)
-    if snap.get("tokenizer") not in (None, tokenizer.fingerprint):
-        raise SessionError(f"this memory was made with another tokenizer; pass --model {snap.get('model')}")
-    if not snap["slots"]:
-        raise UsageError("the memory is empty: nothing to attend to")
-    if layer is not None and layer >= info.n_layer:
-        raise UsageError(f"--layer {layer}: the model has layers 0..{info.n_layer - 1}")
-    if len(snap["slots"]) > info.n_positions:
-        raise UsageError(f"the memory holds {len(snap['slots'])} tokens, more than {info.name} can read ({info.n_positions})")
-    from wmgen.memory import WorkingMemory
-
-    model = load_with_status(info, settings, quiet=False, color=color)
-    memory = WorkingMemory(model, max(2, len(snap["slots"])), 0, 1)
-    memory.restore(snap | {"keep": 0})
-    weights = memory.attention()  # [layers, heads, fill]
-    picked = weights.mean(dim=(0, 1)) if layer is None else weights[layer].mean(dim=0)
-    return {"layer": layer, "shares": [round(float(x), 6) for x in picked]}
 
 
 @app.command("sessions")
@@ -617,24 +658,31 @@ def list_sessions(
 ) -> None:
     """List saved sessions (or delete some with --delete NAME)."""
     from wmgen import sessions
+    from wmgen.render import put
     from wmgen.settings import state_dir
 
     state = state_dir(os.environ)
     if delete:
         for name in delete:
             path = sessions.delete(state, name)
-            print(f"wmgen: deleted session '{name}' ({path})", file=sys.stderr)
+            warn(f"deleted session '{name}' ({path})")
         return
     rows = sessions.listing(state)
     if as_json:
         import json
 
-        print(json.dumps(rows, ensure_ascii=False, indent=1))
-        return
-    from wmgen.render import show_sessions
+        put(sys.stdout, json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
+    elif not sys.stdout.isatty():
+        from wmgen.render import session_lines
 
-    console, plain = console_for(no_color)
-    show_sessions(rows, console, plain=plain)
+        if not rows:
+            warn("no saved sessions")
+        put(sys.stdout, session_lines(rows))
+    else:
+        from wmgen.render import show_sessions
+
+        console, plain = console_for(no_color)
+        show_sessions(rows, console, plain=plain)
 
 
 SWEEP_KEYS = ("capacity", "evict", "keep")
@@ -656,6 +704,30 @@ def parse_sweep(specs: list[str]) -> list[dict[str, int]]:
         if not axes[key]:
             raise UsageError(f"--sweep {spec!r}: give at least one value")
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def check_plot_path(path: str) -> None:
+    """Before any scoring: a file name matplotlib will write as given, in a folder
+    that exists, and matplotlib itself."""
+    from pathlib import Path
+
+    target = Path(path)
+    if target.suffix.lower() not in PLOT_SUFFIXES:
+        raise UsageError(f"--plot {path}: give a file name ending in {', '.join(PLOT_SUFFIXES)}")
+    if target.is_dir():
+        raise UsageError(f"--plot {path} is a folder; give a file name such as {target / 'sweep.png'}")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"--plot {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--plot {path}: the folder {folder} is not writable")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
 
 
 @app.command()
@@ -680,72 +752,62 @@ def perplexity(
     Each token is scored with the log-probability the model gives it from what is
     in memory just before it; the text is read in batched chunks.
     """
-    from wmgen.settings import load_settings
-
     if sweep_rest and not sweep:
         raise UsageError(f"unexpected arguments {' '.join(sweep_rest)}; only one FILE is scored (grids go after --sweep)")
     if plot and not sweep:
         raise UsageError("--plot draws a --sweep; add --sweep capacity=...,... evict=...,...")
+    if plot:
+        check_plot_path(plot)
     grid = parse_sweep([*(sweep or []), *(sweep_rest or [])]) if sweep else None
     flags = dict(capacity=capacity, keep=keep, evict=evict, model=model, device=device, dtype=dtype)
-    settings = load_settings(flags=flags, env=os.environ, config=config)
+    settings = build_settings(flags, config, quiet)
     text = read_text_file(file)
-
-    from wmgen.model import load_tokenizer
-    from wmgen.window import resolve_shape
-
-    info, tokenizer = load_tokenizer(settings.model.name)
-    ids = tokenizer.encode(text)
+    lm = open_model(settings, quiet)
+    ids = lm.encode(text)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if len(ids) < 2:
         raise UsageError(f"{file} has {len(ids)} token(s); scoring needs at least 2")
     if settings.memory.keep == "prompt":
-        raise UsageError("--keep prompt has no meaning for perplexity; give a count")
-    from dataclasses import replace
-
+        raise blamed(UsageError("keep 'prompt' has no meaning for perplexity; give a count", key="keep"), settings)
     shapes = []
     for point in grid or [{}]:
-        memory_settings = replace(settings.memory, **point)
-        shapes.append(resolve_shape(memory_settings, info.n_positions, 0))
-    model_ = load_with_status(info, settings, quiet)
+        try:
+            shapes.append(lm.shape(**point))  # every shape checked before any scoring
+        except UsageError as e:
+            raise UsageError(f"--sweep {e}") if e.key in point else e from None
 
-    from wmgen.memory import WorkingMemory
-    from wmgen.perplexity import looks_untrained, score
+    from wmgen.perplexity import looks_untrained
 
     results = []
     with progress_bar(len(ids) - 1, len(shapes), quiet) as advance:
         for capacity_, keep_, evict_ in shapes:
-            memory = WorkingMemory(model_, capacity_, keep_, evict_)
-            results.append(score(memory, ids, tokenizer.token_bytes, progress=advance))
-    if looks_untrained(results[0].perplexity, info.vocab_size):
-        notice(f"warning: perplexity {results[0].perplexity:.0f} is about the vocabulary size ({info.vocab_size}): "
+            results.append(lm.perplexity(ids, capacity=capacity_, keep=keep_, evict=evict_, progress=advance))
+    if looks_untrained(results[0].perplexity, lm.info.vocab_size):
+        notice(f"warning: perplexity {results[0].perplexity:.0f} is about the vocabulary size ({lm.info.vocab_size}): "
                "this model looks untrained, so these numbers say nothing about quality", quiet)  # fmt: skip
-    if plot:
-        from wmgen.render import plot_sweep
 
-        plot_sweep(results, plot, title=f"{info.name} on {file}")
-        notice(f"wrote {plot}", quiet)
+    from wmgen.render import put
 
-    about = {"model": model_id(settings.model.name), "file": file, "text_tokens": len(ids)}
+    about = {"model": lm.name, "file": file, "text_tokens": len(ids)}
     if as_json:
         import json
 
         data = [r.as_dict() | about for r in results] if grid else results[0].as_dict() | about
-        print(json.dumps(data, indent=1))
+        put(sys.stdout, json.dumps(data, indent=1) + "\n")
     else:
         from wmgen.render import score_table
 
-        print(score_table(results, about))
+        put(sys.stdout, score_table(results, about) + "\n")
+    if plot:  # after the results are out, whatever the plot does
+        from wmgen.render import plot_sweep
+
+        plot_sweep(results, plot, title=f"{lm.info.name} on {file}")
+        notice(f"wrote {plot}", quiet)
 
 
 def read_text_file(file: str) -> str:
-    if file == "-":
-        text = stdin_text()
-        if text is None:
-            raise UsageError("no text on stdin: pipe some in, or give a FILE")
-    else:
-        text = read_utf8_file(file, "text file")
+    text = read_utf8_file(file, "text file")
     if "\x00" in text:
         raise UsageError(f"{file} looks binary (it contains NUL bytes); give a text file")
     if not text.strip():
@@ -759,7 +821,7 @@ def progress_bar(per_run: int, runs: int, quiet: bool):
 
     @contextmanager
     def bar():
-        if quiet or not sys.stderr.isatty():
+        if quiet or sys.stderr is None or not sys.stderr.isatty():
             yield lambda n: None
             return
         from rich.console import Console

@@ -29,3 +29,7 @@ class ModelError(WmgenError):
 
 class SessionError(WmgenError):
     """A session file that cannot be read, written or trusted."""
+
+
+class OutputError(WmgenError):
+    """Standard output cannot be written (a full disk, a device error)."""

@@ -1,8 +1,9 @@
 """WorkingMemory: the bounded window of tokens the model holds in mind, and the keys
 and values every layer computed for them.
 
-At most `capacity` tokens; the first `keep` are pinned. When a token arrives and the
-memory is full, the oldest `evict` unpinned tokens are dropped. GPT-2's positions
+At most `capacity` tokens; the first `keep` are pinned (`keep="prompt"`: as many as
+the first tokens read into the empty memory). When a token arrives and the
+memory is full, the oldest `evict` unpinned tokens are evicted. GPT-2's positions
 are absolute, so the keys and values after the pinned head are then stale: they are
 recomputed, at positions `keep..`, in the same batched forward pass that reads the
 next token(s). Between evictions a token costs one incremental step.
@@ -16,8 +17,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from wmgen.errors import UsageError
 from wmgen.gpt2 import GPT2, KVStore
-from wmgen.window import check_shape, default_evict, describe, fit, kv_bytes_per_token
+from wmgen.window import describe, fit, kv_bytes_per_token, shape
 
 PROMPT, GENERATED, CONTINUED = "prompt", "generated", "continued"
 
@@ -31,12 +33,22 @@ class Counters:
 
 
 class WorkingMemory:
-    def __init__(self, model: GPT2, capacity: int, keep: int = 0, evict: int | None = None, *, store: KVStore | None = None):
-        evict = default_evict(capacity, keep) if evict is None else evict
-        check_shape(capacity, keep, evict, model.config.n_positions)
+    """A bounded window of tokens and their keys and values; see the module's doc.
+
+    `tokenizer`, `model_id` and `sampling` (the settings of the last run, with its
+    seed) are what a snapshot says about the memory besides its slots; the library
+    sets them. Not thread-safe: one memory serves one run at a time."""
+
+    def __init__(self, model: GPT2, capacity: int, keep: int | str = 0, evict: int | None = None, *,
+                 store: KVStore | None = None, tokenizer=None, model_id: str | None = None):  # fmt: skip
+        self.pin_prompt = keep == "prompt"  # keep and evict are settled by the first read
+        self._evict_given = evict
+        self.capacity, self.keep, self.evict = shape(capacity, 0 if self.pin_prompt else keep, evict, model.config.n_positions)
         self.model = model
-        self.capacity, self.keep, self.evict = capacity, keep, evict
         self.store = store or model.new_store(capacity)  # allocated once; steps write in place
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.sampling: dict | None = None
         self.tokens: list[int] = []
         self.origins: list[str] = []
         self.logprobs: list[float | None] = []
@@ -44,12 +56,23 @@ class WorkingMemory:
         self.counters = Counters()
         self._seen_at_forward = 0
 
+    def _settle(self, prompt_tokens: int) -> None:
+        """`keep="prompt"`: pin the first tokens read (and default `evict` to suit)."""
+        if self.pin_prompt and not self.tokens:
+            _, self.keep, self.evict = shape(self.capacity, prompt_tokens, self._evict_given, self.model.config.n_positions)
+            self.pin_prompt = False
+
     def __len__(self) -> int:
         return len(self.tokens)
 
     @property
     def fill(self) -> int:
         return len(self.tokens)
+
+    @property
+    def text(self) -> str:
+        """The text of the tokens in memory (needs `tokenizer`)."""
+        return self.tokenizer.decode(self.tokens) if self.tokenizer is not None else ""
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -82,6 +105,7 @@ class WorkingMemory:
         ids = list(ids)
         if not ids:
             raise ValueError("feed needs at least one token")
+        self._settle(len(ids))
         logprobs = list(logprobs) if logprobs is not None else [None] * len(ids)
         out = []
         i = 0
@@ -108,6 +132,7 @@ class WorkingMemory:
         ids = list(ids)
         if not ids and not self.tokens:
             raise ValueError("read needs at least one token")
+        self._settle(len(ids))
         before = self.fill
         dropped = max(0, before + len(ids) - self.capacity)
         self.tokens += ids
@@ -130,6 +155,8 @@ class WorkingMemory:
         """Put a snapshot's tokens back without running the model (the next pass
         computes their keys and values with its own tokens, in one batch). Tokens that
         do not fit this memory are dropped like a prompt's; returns how many."""
+        if self.pin_prompt:
+            raise UsageError("keep 'prompt' pins what a new memory reads first; to restore a memory, give a count", key="keep")
         slots = snapshot["slots"]
         ids, dropped = fit(range(len(slots)), self.capacity, self.keep)
         self.tokens = [slots[i]["token"] for i in ids]
@@ -140,12 +167,14 @@ class WorkingMemory:
         self._seen_at_forward = self.counters.seen
         return dropped
 
-    def snapshot(self, token_text=None, **about) -> dict:
-        """The memory as plain data; see `wmgen.window.describe`."""
+    def snapshot(self) -> dict:
+        """The memory as plain data, as session files hold it; see `wmgen.window.describe`."""
+        tok = self.tokenizer
         return describe(
             self.tokens, self.origins, self.logprobs,
             capacity=self.capacity, keep=self.keep, evict=self.evict, counters=asdict(self.counters),
-            kv_bytes_per_token=self.kv_bytes_per_token, token_text=token_text, **about,
+            kv_bytes_per_token=self.kv_bytes_per_token, token_text=tok.token_text if tok else None,
+            model=self.model_id, tokenizer=tok.fingerprint if tok else None, sampling=self.sampling, text=self.text,
         )  # fmt: skip
 
     @torch.inference_mode()
@@ -177,11 +206,12 @@ class WorkingMemory:
         """Compute keys/values for every slot from `valid` on (stale ones again,
         new ones for the first time); the float32 logits of the last `last` slots."""
         start = min(self.valid, self.fill - last)  # the logits wanted need their slots run
+        ids = torch.tensor([self.tokens[start:]], device=self.model.device)
+        hidden = self.model.forward(ids, start, self.store)
+        # counted once the pass is done: an interrupted pass leaves them to the next
         fresh = self.counters.seen - self._seen_at_forward
         self.counters.recomputed += self.fill - start - fresh
         self._seen_at_forward = self.counters.seen
-        ids = torch.tensor([self.tokens[start:]], device=self.model.device)
-        hidden = self.model.forward(ids, start, self.store)
         self.valid = self.fill
         return self.model.logits(hidden[0, -last:]).float()
 
@@ -193,11 +223,13 @@ class MemoryBatch:
     row by row; only the plain incremental steps are batched. The store has one slot
     beyond `capacity`, where rows that sit a batched step out write harmlessly."""
 
-    def __init__(self, model: GPT2, rows: int, capacity: int, keep: int | Sequence[int] = 0, evict: int | None = None):
+    def __init__(self, model: GPT2, rows: int, capacity: int, keep: int | str | Sequence[int | str] = 0,
+                 evict: int | None | Sequence[int | None] = None, **about):  # fmt: skip
         self.model = model
         self.store = model.new_store(capacity + 1, batch=rows)
-        keeps = [keep] * rows if isinstance(keep, int) else list(keep)
-        self.rows = [WorkingMemory(model, capacity, keeps[r], evict, store=self.store.row(r)) for r in range(rows)]
+        keeps = [keep] * rows if isinstance(keep, (int, str)) else list(keep)
+        evicts = [evict] * rows if evict is None or isinstance(evict, int) else list(evict)
+        self.rows = [WorkingMemory(model, capacity, keeps[r], evicts[r], store=self.store.row(r), **about) for r in range(rows)]
 
     def append(self, tokens: Sequence[int | None], logprobs: Sequence[float | None], *, compute: bool = True) -> Tensor:
         """Read `tokens[r]` into row r (None: row r sits out). The logits `[rows, V]`

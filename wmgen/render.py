@@ -8,11 +8,23 @@ from typing import TextIO
 import json
 from dataclasses import asdict
 
-from wmgen.events import Event, Evicted, Finished, Result, Started, Token
+from wmgen.errors import OutputError
+from wmgen.events import Event, Evicted, Finished, Generation, Started, Token
 
 
 class PipeClosed(Exception):
     """The reader of stdout went away (`| head`)."""
+
+
+def put(out: TextIO, text: str) -> None:
+    """Write and flush: a closed pipe is `PipeClosed`, any other failure `OutputError`."""
+    try:
+        out.write(text)
+        out.flush()
+    except BrokenPipeError:
+        raise PipeClosed from None
+    except OSError as e:
+        raise OutputError(f"cannot write to standard output: {e.strerror or e}") from None
 
 
 class TextWriter:
@@ -23,93 +35,83 @@ class TextWriter:
         self.echo_text = echo_text
         self.wrote_any = False
 
-    def write(self, event: Event) -> None:
+    def write(self, event: Event, **end) -> None:
         if isinstance(event, Started) and self.echo_text:
             self._put(self.echo_text)
-        elif isinstance(event, Token):
-            self._put(event.text)
-        elif isinstance(event, Finished):
+        elif isinstance(event, (Token, Finished)):
             self._put(event.text)
 
     def _put(self, text: str) -> None:
-        if not text:
-            return
-        try:
-            self.out.write(text)
-            self.out.flush()
-        except BrokenPipeError:
-            raise PipeClosed from None
-        self.wrote_any = True
+        if text:
+            put(self.out, text)
+            self.wrote_any = True
 
 
 def put_line(out: TextIO, obj, *, indent: int | None = None) -> None:
     """One JSON document (on a line of its own unless indented), flushed."""
-    try:
-        out.write(json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
-        out.flush()
-    except BrokenPipeError:
-        raise PipeClosed from None
+    put(out, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
 
 
 def end_record(f: Finished) -> dict:
-    return asdict(f) | {"tokens_per_s": f.tokens_per_s}
+    """The `end` event's fields (also a result's `stats`)."""
+    record = asdict(f) | {"tokens_per_s": f.tokens_per_s}
+    del record["row"]
+    return record
+
+
+def generation_record(g: Generation) -> dict:
+    """One prompt's result as plain data: the layout of `--format json`, and of each
+    row of a batched run."""
+    stats = end_record(g.stats)
+    del stats["text"]
+    return {
+        "prompt": g.prompt, "text": g.text, "tokens": list(g.tokens), "logprobs": list(g.logprobs), "reason": g.reason,
+        "prompt_tokens": g.prompt_tokens, "unread": g.unread, "seed": g.seed, "stats": stats,
+    }  # fmt: skip
 
 
 class JsonlWriter:
     """One JSON object per event, one per line, flushed as it happens: `start`,
-    `token` (one per token), `eviction`, `end`."""
+    `token` (one per token), `eviction`, `end`. `end` also says whether the
+    memory was saved (`saved`, `session`, and `save_error` when saving failed)."""
 
     def __init__(self, out: TextIO, *, about: dict):
         self.out = out
         self.about = about
 
-    def write(self, event: Event) -> None:
+    def write(self, event: Event, **end) -> None:
+        record = asdict(event)
+        del record["row"]
         if isinstance(event, Started):
-            record = {"type": "start", **self.about, **asdict(event)}
+            record = {"type": "start", **self.about, **record}
         elif isinstance(event, Token):
-            record = {"type": "token", **asdict(event)}
+            record = {"type": "token", **record}
             if not event.evicted:
                 del record["evicted"]
         elif isinstance(event, Evicted):
-            record = {"type": "eviction", **asdict(event)}
+            record = {"type": "eviction", **record}
         else:
-            record = {"type": "end", **end_record(event)}
+            record = {"type": "end", **end_record(event), **end}
         put_line(self.out, record)
 
 
 class JsonWriter:
-    """One JSON object when generation ends: prompt, text, token ids and stats."""
+    """One JSON object when generation ends: `generation_record` with the model,
+    the settings and whether the memory was saved."""
 
     def __init__(self, out: TextIO, *, prompt: str, about: dict):
         self.out = out
-        self.record = {"prompt": prompt, **about, "text": "", "tokens": [], "logprobs": []}
+        self.prompt = prompt
+        self.about = about
+        self.events: list[Event] = []
 
-    def write(self, event: Event) -> None:
-        if isinstance(event, Started):
-            self.record |= {"prompt_tokens": event.prompt_tokens, "dropped": event.dropped, "seed": event.seed}
-        elif isinstance(event, Token):
-            self.record["text"] += event.text
-            self.record["tokens"].append(event.id)
-            self.record["logprobs"].append(event.logprob)
-        elif isinstance(event, Finished):
-            self.record["text"] += event.text
-            self.record["stats"] = {k: v for k, v in end_record(event).items() if k != "text"}
-            put_line(self.out, self.record, indent=1)
+    def write(self, event: Event, **end) -> None:
+        from wmgen.generation import collect
 
-
-def result_record(result: Result, *, line: int | None, sample: int | None, prompt: str) -> dict:
-    """One prompt's result in a batched run, as plain data."""
-    record = {"type": "result"}
-    if line is not None:
-        record["line"] = line
-    if sample is not None:
-        record["sample"] = sample
-    record |= {"prompt": prompt, "text": result.text, "tokens": list(result.tokens), "reason": result.reason}
-    stats = asdict(result)
-    for key in ("row", "tokens", "text", "reason"):
-        del stats[key]
-    stats["generated"] = len(result.tokens)
-    return record | {"stats": stats}
+        self.events.append(event)
+        if isinstance(event, Finished):
+            g = next(collect(iter(self.events), [self.prompt]))
+            put_line(self.out, {**self.about, **generation_record(g), **end}, indent=1)
 
 
 def stats_line(f: Finished) -> str:
@@ -158,7 +160,7 @@ def memory_header(snap: dict) -> list[tuple[str, str]]:
         ("kv held", f"{human_bytes(snap['kv_bytes'])} ({human_bytes(snap['kv_bytes_per_token'])} per token)"),
     ]
     if "prompt_tokens" in snap:
-        rows.append(("prompt", f"{snap['prompt_tokens']} tokens, {snap.get('dropped', 0)} dropped to fit"))
+        rows.append(("prompt", f"{snap['prompt_tokens']} tokens, {snap.get('unread', 0)} unread (did not fit)"))
     if snap.get("saved_at"):
         rows.append(("saved", snap["saved_at"]))
     return rows
@@ -230,6 +232,18 @@ def show_sessions(rows: list[dict], console, *, plain: bool = False) -> None:
         else:
             table.add_row(r["name"], str(r["model"]), f"{r['fill']}/{r['capacity']}", str(r["seen"]), str(r["saved_at"]))
     console.print(table)
+
+
+def session_lines(rows: list[dict]) -> str:
+    """The list for a pipe: one session per line, tab-separated, nothing cut:
+    name, model, fill/capacity, tokens seen, saved (or name, "unreadable", why)."""
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['name']}\tunreadable\t{r['error']}")
+        else:
+            lines.append(f"{r['name']}\t{r['model']}\t{r['fill']}/{r['capacity']}\t{r['seen']}\t{r['saved_at']}")
+    return "".join(line + "\n" for line in lines)
 
 
 # --- perplexity ------------------------------------------------------------------

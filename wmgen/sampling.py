@@ -6,6 +6,7 @@ draw from the softmax of what is left. Temperature 0 is greedy.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -20,9 +21,42 @@ def penalize_repetition(logits: Tensor, history: Sequence[int], penalty: float) 
         return logits
     ids = torch.tensor(sorted(set(history)), device=logits.device)
     seen = logits[ids]
+    kind = torch.finfo(logits.dtype)
+    if not kind.tiny <= penalty <= kind.max:  # the penalty itself would round to 0, inf or a few bits
+        penalized = _penalize_in_float64(seen, penalty)
+    else:
+        penalized = torch.where(seen > 0, seen / penalty, seen * penalty)
+        if not math.isfinite(penalized.sum()) and _broken(penalized, seen):  # a logit overflowed
+            penalized = _penalize_in_float64(seen, penalty)
     logits = logits.clone()
-    logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    logits[ids] = penalized
     return logits
+
+
+def _broken(penalized: Tensor, seen: Tensor) -> bool:
+    """NaN anywhere, or a finite logit turned infinite."""
+    return bool((penalized.isnan() | (penalized.isinf() & seen.isfinite())).any())
+
+
+def _penalize_in_float64(seen: Tensor, penalty: float) -> Tensor:
+    """The penalty where the logits' dtype cannot take it: in float64, finite logits
+    kept finite (clamped to the dtype's range, so the order at the extremes can
+    tie), -inf kept -inf."""
+    x = seen.double()
+    penalized = torch.where(x > 0, x / penalty, x * penalty)
+    big = torch.finfo(seen.dtype).max
+    return torch.where(x.isfinite(), penalized.clamp(-big, big), x).to(seen.dtype)
+
+
+def divide_by_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """`logits / temperature`. A temperature so close to 0 that float32 overflows
+    (or so large that it rounds to inf) is done in float64 after moving the largest
+    logit to 0: the same softmax, without inf - inf."""
+    scaled = logits / temperature
+    if math.isfinite(scaled.amax()):  # NaN or inf in it would show in the max
+        return scaled
+    x = logits.double()
+    return ((x - x.amax(-1, keepdim=True)) / temperature).to(logits.dtype)
 
 
 def keep_top_k(logits: Tensor, k: int) -> Tensor:
@@ -33,20 +67,25 @@ def keep_top_k(logits: Tensor, k: int) -> Tensor:
 
 
 def keep_top_p(logits: Tensor, p: float) -> Tensor:
-    """The smallest set of most likely tokens whose probability adds up to >= p."""
+    """The smallest set of most likely tokens whose probability adds up to >= p;
+    never empty (a p below float32's smallest number would otherwise drop all)."""
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True)
-    cumulative = sorted_logits.softmax(-1).cumsum(-1)
-    drop_sorted = cumulative - sorted_logits.softmax(-1) >= p  # mass before this token already >= p
+    probs = sorted_logits.softmax(-1)
+    drop_sorted = probs.cumsum(-1) - probs >= p  # mass before this token already >= p
+    drop_sorted[..., 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
 def probabilities(logits: Tensor, s: Sampling, history: Sequence[int] = ()) -> Tensor:
-    """The distribution a sampled token is drawn from (temperature > 0)."""
+    """The distribution a token is drawn from: at temperature 0, all on the argmax.
+    `logits` may hold -inf (masked tokens), never only -inf."""
     logits = penalize_repetition(logits, history, s.repetition_penalty)
-    logits = keep_top_k(logits / s.temperature, s.top_k)
+    if s.temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    logits = keep_top_k(divide_by_temperature(logits, s.temperature), s.top_k)
     return keep_top_p(logits, s.top_p).softmax(-1)
 
 

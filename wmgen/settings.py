@@ -8,6 +8,11 @@ from, so an error can name the file and key, the variable or the flag to fix.
 
 from __future__ import annotations
 
+import codecs
+import difflib
+import math
+import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -18,6 +23,14 @@ from wmgen.errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+
+# `WMGEN_*` variables that are not settings. KERNELS, POLICY and RECENT are read by
+# code still to come; they are listed now so that setting them is not called a typo.
+OTHER_VARIABLES = ("WMGEN_HOME", "WMGEN_DEBUG", "WMGEN_KERNELS", "WMGEN_POLICY", "WMGEN_RECENT")
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few lines; anything this big is a mistake
+LARGEST_COUNT = 2**63 - 1  # counts and seeds fit in 64 bits (TOML's integers, torch's)
+MAX_NEW_TOKENS = 10**9  # days of generation at any speed; beyond it a typo, not a wish
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,14 @@ class Settings:
     sampling: Sampling = field(default_factory=Sampling)
     run: RunSettings = field(default_factory=RunSettings)
     preset: str = "default"
+    # flat key -> where its value came from (`--top-k`, `WMGEN_TOP_K`,
+    # `path.toml [sampling] top_k`); keys left at their built-in default are absent.
+    # Not part of equality or the hash: two runs with the same values are the same.
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def where(self, key: str) -> str | None:
+        """The flag, variable or config key that set `key`; None for a built-in default."""
+        return self.sources.get(key)
 
 
 # flat key -> (section, field). The flat key is the flag (--top-k), the environment
@@ -122,6 +143,71 @@ def presets() -> dict[str, str]:
     return out
 
 
+# --- text that must be UTF-8 -----------------------------------------------------
+
+
+def shown(text: str) -> str:
+    """`text` safe to put in a one-line message: control characters and lone
+    surrogates (undecodable bytes from argv or a file name) as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def check_utf8(text: str, where: str) -> str:
+    """`text` unchanged, or a UsageError naming `where` when it holds bytes that were
+    not UTF-8 (Python keeps them as lone surrogates, `'caf\\udce9'`)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        offset = len(text[: e.start].encode("utf-8"))
+        raise UsageError(
+            f"{where}: the text is not UTF-8 ({what} at byte {offset}); "
+            "give UTF-8 text (check the encoding of the terminal, the file or the variable)"
+        ) from None
+    return text
+
+
+def decode_utf8(data: bytes, label: str) -> str:
+    """Bytes of a config file as text; a UTF-8 byte order mark is allowed and dropped."""
+    skipped = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skipped:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{label} is not UTF-8 text (bad byte at offset {e.start + skipped}); save it as UTF-8") from None
+
+
+def read_config_bytes(path: Path, label: str) -> bytes:
+    """The bytes of a config file: a regular file of at most `MAX_CONFIG_BYTES`.
+    A FIFO, a device or a folder is refused before it is opened (reading a FIFO
+    would wait for a writer forever), and opened without blocking in case it is
+    swapped in between. FileNotFoundError goes to the caller."""
+    try:
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise UsageError(f"{label} is a folder; give a TOML file")
+        if not stat.S_ISREG(info.st_mode):
+            raise UsageError(f"{label} is not a regular file (a pipe or a device?); give a TOML file")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise UsageError(f"{label} is not a regular file (a pipe or a device?); give a TOML file")
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise UsageError(f"cannot read config file {label}: {e.strerror or e}") from None
+    except ValueError as e:  # a NUL in the path
+        raise UsageError(f"cannot read config file {label}: {e}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UsageError(f"{label} is larger than {MAX_CONFIG_BYTES // 1024} KiB; a config file is a few lines of TOML")
+    return data
+
+
 # --- reading sources ---------------------------------------------------------
 
 
@@ -137,12 +223,12 @@ def read_config_file(text: str, label: str) -> dict[str, tuple[object, str]]:
         if section == "description":
             continue
         if section not in SECTION_CLASSES or not isinstance(body, dict):
-            raise UsageError(f"{label}: unknown section or key '{section}'; sections are {', '.join(SECTION_CLASSES)}")
+            raise UsageError(f"{label}: unknown section or key '{shown(section)}'; sections are {', '.join(SECTION_CLASSES)}")
         for key, value in body.items():
             flat = by_file_key.get((section, key))
             if flat is None:
                 known = ", ".join(k for (s, k) in by_file_key if s == section)
-                raise UsageError(f"{label}: unknown key '{key}' in [{section}]; known keys: {known}")
+                raise UsageError(f"{label}: unknown key '{shown(key)}' in [{section}]; known keys: {known}")
             out[flat] = (value, f"{label} [{section}] {key}")
     return out
 
@@ -152,26 +238,27 @@ def preset_layer(config: str | None) -> tuple[str, dict]:
     name = config or "default"
     path = Path(name).expanduser()
     if name.endswith(".toml") or "/" in name or path.is_file():
+        label = shown(str(path))
         try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise UsageError(f"cannot read config file {name}: {e.strerror}") from None
-        return str(path), read_config_file(text, str(path))
+            data = read_config_bytes(path, label)
+        except FileNotFoundError:
+            raise UsageError(f"cannot read config file {shown(name)}: no such file") from None
+        return str(path), read_config_file(decode_utf8(data, label), label)
     entry = preset_folder() / f"{name}.toml"
     if not entry.is_file():
-        raise UsageError(f"unknown preset '{name}'; presets: {', '.join(presets())} (or pass a path to a .toml file)")
-    return name, read_config_file(entry.read_text(encoding="utf-8"), f"preset '{name}'")
+        raise UsageError(f"unknown preset '{shown(name)}'; presets: {', '.join(presets())} (or pass a path to a .toml file)")
+    label = f"preset '{name}'"
+    return name, read_config_file(decode_utf8(entry.read_bytes(), label), label)
 
 
 def user_layer(env: Mapping[str, str]) -> dict:
     path = user_config_path(env)
+    label = shown(str(path))
     try:
-        text = path.read_text(encoding="utf-8")
+        data = read_config_bytes(path, label)
     except FileNotFoundError:
         return {}
-    except OSError as e:
-        raise UsageError(f"cannot read user config {path}: {e.strerror}") from None
-    return read_config_file(text, str(path))
+    return read_config_file(decode_utf8(data, label), label)
 
 
 def env_layer(env: Mapping[str, str]) -> dict:
@@ -182,44 +269,74 @@ def flag_layer(flags: Mapping[str, object]) -> dict:
     return {k: (v, f"--{k.replace('_', '-')}") for k, v in flags.items() if v is not None and v != ()}
 
 
+def unknown_env(env: Mapping[str, str]) -> list[str]:
+    """Names of `WMGEN_*` variables wmgen does not read (typos, most likely), sorted."""
+    known = set(known_variables())
+    return sorted(name for name in env if name.startswith("WMGEN_") and name not in known)
+
+
+def known_variables() -> tuple[str, ...]:
+    return tuple(f"WMGEN_{k.upper()}" for k in KEYS) + OTHER_VARIABLES
+
+
+def unknown_env_warning(name: str) -> str:
+    """One line for the CLI to print about a variable from `unknown_env`."""
+    close = difflib.get_close_matches(name.upper(), known_variables(), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{shown(name)} is not a wmgen variable{hint}; it is ignored"
+
+
 # --- turning raw values into typed, checked ones -------------------------------
+# Messages show parsed numbers or repr()s, never raw text: a value may hold a newline.
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:45] + "..." + text[-10:]
 
 
 def _int(value, where: str, *, auto_ok: bool = False):
     if auto_ok and (value is None or value == "auto"):
         return None
-    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-        raise UsageError(f"{where}: expected a whole number, got {value!r}")
+    extra = " or 'auto'" if auto_ok else ""
+    wrong = isinstance(value, bool) or not isinstance(value, (int, float, str))
+    if wrong or isinstance(value, float) and not value.is_integer():  # NaN and inf too
+        raise UsageError(f"{where}: expected a whole number{extra}, got {_short(value)}")
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        extra = " or 'auto'" if auto_ok else ""
-        raise UsageError(f"{where}: expected a whole number{extra}, got {value!r}") from None
+        n = int(value)
+    except ValueError:  # also a string of more than 4300 digits
+        raise UsageError(f"{where}: expected a whole number{extra}, got {_short(value)}") from None
+    if abs(n) > LARGEST_COUNT:
+        raise UsageError(f"{where}: {_short(value)} is too large (at most 2**63 - 1)")
+    return n
 
 
 def _float(value, where: str) -> float:
-    if isinstance(value, bool):
-        raise UsageError(f"{where}: expected a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UsageError(f"{where}: expected a number, got {_short(value)}")
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{where}: expected a number, got {value!r}") from None
+        x = float(value)
+    except (ValueError, OverflowError):  # OverflowError: an int beyond float's range
+        raise UsageError(f"{where}: expected a number, got {_short(value)}") from None
+    if not math.isfinite(x):
+        raise UsageError(f"{where}: expected a finite number, got {x}")
+    return x + 0.0  # -0.0 is 0.0
 
 
 def _bool(value, where: str) -> bool:
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
+    text = str(value).strip().lower() if isinstance(value, (int, str)) else ""
     if text in ("1", "true", "yes", "on"):
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise UsageError(f"{where}: expected true or false, got {value!r}")
+    raise UsageError(f"{where}: expected true or false, got {_short(value)}")
 
 
 def _choice(value, where: str, choices) -> str:
-    if value not in choices:
-        raise UsageError(f"{where}: '{value}' is not one of {', '.join(choices)}")
+    if not isinstance(value, str) or value not in choices:
+        raise UsageError(f"{where}: {_short(value)} is not one of {', '.join(choices)}")
     return value
 
 
@@ -240,10 +357,30 @@ def _keep(value, where: str) -> int | str:
     return keep
 
 
+def _texts(value):
+    """The strings inside a raw value (a string, or a list of them)."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        return tuple(v for v in value if isinstance(v, str))
+    return ()
+
+
 def coerce(key: str, value, where: str):
-    """One raw value (TOML, environment string or flag) as its typed, checked self."""
+    """One raw value (TOML, environment string or flag) as its typed, checked self.
+
+    Accepted: model a non-empty name or folder; device, dtype one of their choices;
+    capacity an integer >= 2 or "auto" (the model's limit is checked when the model
+    is known); keep an integer >= 0 or "prompt"; evict an integer >= 1 or "auto";
+    temperature a finite number >= 0; top_k an integer >= 0 (0, or any count at or
+    above the vocabulary, keeps every token); top_p finite in (0, 1];
+    repetition_penalty finite > 0; seed 0..2**63 - 1 or "random"; max_new_tokens
+    0..10**9; stop a string or a list of strings; ignore_eos a boolean. Counts are
+    at most 2**63 - 1; NaN and infinities are refused everywhere."""
+    for text in _texts(value):
+        check_utf8(text, where)
     if key == "model":
-        if not isinstance(value, str) or not value.strip():
+        if not isinstance(value, str) or not value.strip() or "\0" in value:
             raise UsageError(f"{where}: expected a model name or folder")
         return value
     if key == "device":
@@ -264,8 +401,8 @@ def coerce(key: str, value, where: str):
         return evict
     if key == "temperature":
         t = _float(value, where)
-        if not t >= 0 or t == float("inf"):
-            raise UsageError(f"{where}: temperature {value} must be >= 0 (0 is greedy)")
+        if t < 0:
+            raise UsageError(f"{where}: temperature {t} must be >= 0 (0 is greedy)")
         return t
     if key == "top_k":
         k = _int(value, where)
@@ -275,24 +412,24 @@ def coerce(key: str, value, where: str):
     if key == "top_p":
         p = _float(value, where)
         if not 0 < p <= 1:
-            raise UsageError(f"{where}: top-p {value} must be in (0, 1] (1 turns it off)")
+            raise UsageError(f"{where}: top-p {p} must be in (0, 1] (1 turns it off)")
         return p
     if key == "repetition_penalty":
         r = _float(value, where)
-        if not 0 < r < float("inf"):
-            raise UsageError(f"{where}: repetition penalty {value} must be > 0 (1 turns it off)")
+        if not r > 0:
+            raise UsageError(f"{where}: repetition penalty {r} must be > 0 (1 turns it off)")
         return r
     if key == "seed":
         if value is None or value == "random":
             return None
         seed = _int(value, where)
-        if not 0 <= seed < 2**63:
+        if not 0 <= seed <= LARGEST_COUNT:
             raise UsageError(f"{where}: seed must be between 0 and 2**63 - 1")
         return seed
     if key == "max_new_tokens":
         n = _int(value, where)
-        if n < 0:
-            raise UsageError(f"{where}: max new tokens {n} must be >= 0")
+        if not 0 <= n <= MAX_NEW_TOKENS:
+            raise UsageError(f"{where}: max new tokens {n} must be between 0 and 10**9")
         return n
     if key == "stop":
         return _stop(value, where)
@@ -302,17 +439,36 @@ def coerce(key: str, value, where: str):
 
 
 def load_settings(*, flags: Mapping[str, object], env: Mapping[str, str], config: str | None = None) -> Settings:
-    """Merge the layers, coerce and check every value, and build `Settings`."""
+    """Check every value in its own layer (so a bad value is reported where it is
+    written, even when a higher layer overrides it), then merge and build `Settings`."""
     preset, preset_values = preset_layer(config)
-    merged: dict[str, tuple[object, str]] = {}
-    for layer in (preset_values, user_layer(env), env_layer(env), flag_layer(flags)):
-        merged.update(layer)
+    layers = (preset_values, user_layer(env), env_layer(env), flag_layer(flags))
+    values: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    for i, layer in enumerate(layers):
+        for key, (raw, where) in layer.items():
+            values[key] = coerce(key, raw, where)
+            if i == 0 and config is None:
+                sources.pop(key, None)  # default.toml holds the built-in defaults: nobody chose them
+            else:
+                sources[key] = where
     sections: dict[str, dict] = {s: {} for s in SECTION_CLASSES}
-    for key, (value, where) in merged.items():
+    for key, value in values.items():
         section, name = KEYS[key]
-        sections[section][name] = coerce(key, value, where)
+        sections[section][name] = value
     built = {s: cls(**sections[s]) for s, cls in SECTION_CLASSES.items()}
-    return Settings(**built, preset=preset)
+    return Settings(**built, preset=preset, sources=sources)
+
+
+def blame(error: UsageError, settings: Settings) -> UsageError:
+    """`error` about a setting (`error.key`) with the place that value came from in
+    front: `WMGEN_CAPACITY: capacity 9999 is outside 2..1024 ...`. Unchanged when
+    the error names no key or the value is a built-in default. The new error's key
+    is cleared (it is placed now), so blaming twice changes nothing."""
+    where = settings.where(error.key) if error.key else None
+    if where is None:
+        return error
+    return UsageError(f"{where}: {error}")
 
 
 def as_dict(s: Settings) -> dict:

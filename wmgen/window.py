@@ -19,22 +19,28 @@ def default_evict(capacity: int, keep: int) -> int:
 
 def resolve_shape(s: MemorySettings, limit: int, prompt_tokens: int) -> tuple[int, int, int]:
     """`(capacity, keep, evict)` from settings, checked against the model's limit."""
-    capacity = limit if s.capacity is None else s.capacity
-    keep = prompt_tokens if s.keep == "prompt" else s.keep
-    evict = default_evict(capacity, keep) if s.evict is None else s.evict
+    return shape(s.capacity, s.keep, s.evict, limit, prompt_tokens)
+
+
+def shape(capacity: int | None, keep: int | str, evict: int | None, limit: int, prompt_tokens: int = 0) -> tuple[int, int, int]:
+    """`(capacity, keep, evict)` with the defaults filled in (capacity: the model's
+    limit; keep "prompt": the prompt's length; evict: `default_evict`), checked."""
+    capacity = limit if capacity is None else capacity
+    keep = prompt_tokens if keep == "prompt" else keep
+    evict = default_evict(capacity, keep) if evict is None else evict
     check_shape(capacity, keep, evict, limit)
     return capacity, keep, evict
 
 
 def check_shape(capacity: int, keep: int, evict: int, limit: int) -> None:
+    """The memory's own rules, in its own words; errors name the setting (`key`) so
+    that whoever knows where the value came from can say so."""
     if not 2 <= capacity <= limit:
-        raise UsageError(f"--capacity {capacity} is outside 2..{limit} (the model's n_positions); pick a value in range")
+        raise UsageError(f"capacity {capacity} is outside 2..{limit} (the model's n_positions); pick a value in range", key="capacity")
     if not 0 <= keep < capacity:
-        raise UsageError(
-            f"--keep {keep} leaves no room to roll in --capacity {capacity}; pin fewer tokens or raise the capacity"
-        )
+        raise UsageError(f"keep {keep} leaves no room to roll in capacity {capacity}; pin fewer tokens or raise the capacity", key="keep")
     if not 1 <= evict <= capacity - keep:
-        raise UsageError(f"--evict {evict} must be between 1 and capacity - keep = {capacity - keep}")
+        raise UsageError(f"evict {evict} must be between 1 and capacity - keep = {capacity - keep}", key="evict")
 
 
 def fit(ids: Sequence[int], capacity: int, keep: int) -> tuple[list[int], int]:

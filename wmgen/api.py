@@ -1,0 +1,398 @@
+"""The public Python face of wmgen: load a model once, then generate, stream, score
+and inspect through working memories. The command line and the benchmarks use this
+and nothing deeper; it prints nothing and knows nothing of argv or exit codes.
+
+    import wmgen
+    lm = wmgen.load("gpt2")
+    print(lm.generate("The lighthouse keeper", max_new_tokens=20, temperature=0).text)
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from wmgen.errors import UsageError
+from wmgen.events import Event, Finished, Generation, Started, Token
+from wmgen.settings import Settings, blame, coerce, load_settings
+
+if TYPE_CHECKING:
+    from wmgen.memory import WorkingMemory
+    from wmgen.perplexity import Score
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
+RUN_KEYS = ("max_new_tokens", "stop", "ignore_eos")
+SHAPE_KEYS = ("capacity", "keep", "evict")
+
+
+def load(model: str | None = None, *, device: str | None = None, dtype: str | None = None, config: str | None = None, **defaults) -> Model:
+    """A GPT-2 checkpoint, ready to use: `model` is a hub id (`gpt2`, `distilgpt2`,
+    ...) or a local folder, found by the same rules as `--model`. The tokenizer is
+    read now; the weights are read on first use.
+
+    `device` is auto, cpu, cuda or mps; `dtype` auto, float32, bfloat16, float16 or
+    int8. `config` is a preset name or a TOML file, applied as `--config` applies
+    it; `defaults` (any of `max_new_tokens`, `temperature`, `top_k`, `top_p`,
+    `repetition_penalty`, `seed`, `stop`, `ignore_eos`, `capacity`, `keep`,
+    `evict`) override it. Left as None, a value comes from the preset (`default`
+    when none is given), as on the command line. The library reads no `WMGEN_*`
+    variables and no user config file.
+
+    Raises `UsageError` (a `ValueError`) for a bad value and `ModelError` for a
+    model that cannot be found or read."""
+    values = {"model": model, "device": device, "dtype": dtype, **defaults}
+    unknown = sorted(set(values) - set(SAMPLING_KEYS + RUN_KEYS + SHAPE_KEYS + ("model", "device", "dtype")))
+    if unknown:
+        raise TypeError(f"load() got unexpected keyword arguments: {', '.join(unknown)}")
+    return Model(load_settings(flags=values, env={}, config=config, user_config=False, given="argument"))
+
+
+class Model:
+    """A loaded GPT-2 checkpoint and its tokenizer.
+
+    One `Model` serves any number of working memories, one after another or from
+    several threads at once (the weights are only read; loading them on first use
+    is guarded by a lock). A `WorkingMemory` is not thread-safe: one run at a time
+    per memory. Token counts are tokens, times are seconds, log-probabilities are
+    natural logarithms (nats)."""
+
+    def __init__(self, settings: Settings, *, loading: Callable[[str], AbstractContextManager] | None = None):
+        """`settings` as `wmgen.settings.load_settings` builds them; `loading(name)`
+        is entered while the weights are read (the command line shows a spinner)."""
+        from wmgen.model import load_tokenizer
+
+        self.settings = settings
+        self.info, self.tokenizer = load_tokenizer(settings.model.name)
+        self.name = model_id(settings.model.name)
+        self._network = None
+        self._loading = loading or (lambda name: nullcontext())
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<wmgen.Model {self.name} ({self.settings.model.device}, {self.settings.model.dtype})>"
+
+    # --- the network ------------------------------------------------------------
+
+    @property
+    def network(self):
+        """The network (`wmgen.gpt2.GPT2`), read from the checkpoint on first use."""
+        if self._network is None:
+            with self._lock:
+                if self._network is None:
+                    from wmgen.model import load_model
+
+                    with self._loading(self.info.name):
+                        self._network = load_model(self.info, device=self.settings.model.device, dtype=self.settings.model.dtype)
+        return self._network
+
+    @property
+    def n_positions(self) -> int:
+        """The most tokens the model can read at once."""
+        return self.info.n_positions
+
+    @property
+    def eos_id(self) -> int | None:
+        eos = self.info.raw.get("eos_token_id")
+        return eos if isinstance(eos, int) else self.tokenizer.eos_id
+
+    def encode(self, text: str, *, from_scratch: bool = False) -> list[int]:
+        """Token ids of `text`; `from_scratch` puts `<|endoftext|>` first (a new document)."""
+        return ([self.tokenizer.eos_id] if from_scratch else []) + self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    # --- working memory -----------------------------------------------------------
+
+    def shape(self, capacity: int | None = None, keep: int | str | None = None, evict: int | None = None, *,
+              prompt_tokens: int = 0) -> tuple[int, int, int]:  # fmt: skip
+        """`(capacity, keep, evict)` in tokens: the values given, else the settings',
+        with the defaults filled in and checked against the model (no weights read)."""
+        from wmgen.window import shape
+
+        given, values = self._shape_values(capacity, keep, evict)
+        with self._blame(given):
+            return shape(*values, self.n_positions, prompt_tokens)
+
+    def memory(self, capacity: int | None = None, keep: int | str | None = None, evict: int | None = None) -> WorkingMemory:
+        """A new, empty working memory of `capacity` tokens (default: the settings',
+        else the model's limit), the first `keep` pinned (a count, or "prompt": the
+        first tokens read), `evict` tokens dropped at a time when full (default: a
+        quarter of capacity - keep). Its keys and values are allocated now, once."""
+        from wmgen.memory import WorkingMemory
+
+        given, values = self._shape_values(capacity, keep, evict)
+        with self._blame(given):
+            self.shape(*values)  # checked before the weights are read
+            return WorkingMemory(self.network, *values, tokenizer=self.tokenizer, model_id=self.name)
+
+    def restore(self, snapshot: dict, *, capacity: int | None = None, keep: int | None = None, evict: int | None = None,
+                source: str = "the snapshot") -> WorkingMemory:  # fmt: skip
+        """A memory holding a snapshot's tokens (their keys and values are computed
+        by the next pass, with its own tokens). It keeps the snapshot's shape unless
+        `capacity`, `keep` or `evict` is given; when capacity or keep change and
+        evict is not given, evict takes its default. Tokens that no longer fit are
+        dropped like a prompt's: the pinned head and the most recent ones stay."""
+        from wmgen.memory import WorkingMemory
+
+        self.check_tokenizer(snapshot, source)
+        beyond = next((s for s in snapshot["slots"] if not 0 <= s["token"] < self.info.vocab_size), None)
+        if beyond is not None:
+            from wmgen.errors import SessionError
+
+            raise SessionError(f"{source} cannot be used: slot {beyond['slot']} holds token {beyond['token']}, "
+                               f"outside the vocabulary of {self.info.name} (0..{self.info.vocab_size - 1})")  # fmt: skip
+        if keep == "prompt":
+            raise UsageError("keep 'prompt' pins a new memory's first tokens; a continued memory keeps a count (give a number)", key="keep")
+        from wmgen.window import shape
+
+        asked = {"capacity": capacity, "keep": keep, "evict": evict}
+        cap = snapshot["capacity"] if capacity is None else capacity
+        kept = snapshot["keep"] if keep is None else keep
+        if evict is None and (cap, kept) == (snapshot["capacity"], snapshot["keep"]):
+            evict = snapshot["evict"]
+        try:
+            cap, kept, evict = shape(cap, kept, evict, self.n_positions)
+        except UsageError as e:
+            if asked.get(e.key) is not None:
+                raise  # the caller's value
+            raise UsageError(f"{source}: {e}") from None
+        memory = WorkingMemory(self.network, cap, kept, evict, tokenizer=self.tokenizer, model_id=self.name)
+        memory.restore(snapshot)
+        memory.sampling = snapshot.get("sampling")
+        return memory
+
+    def check_tokenizer(self, snapshot: dict, source: str = "the snapshot") -> None:
+        """A memory made with another tokenizer means other tokens: refuse it."""
+        from wmgen.errors import SessionError
+
+        if snapshot.get("tokenizer") not in (None, self.tokenizer.fingerprint):
+            raise SessionError(f"{source} was made with another tokenizer (model {snapshot.get('model')}); use --model {snapshot.get('model')}")
+
+    # --- generating -----------------------------------------------------------------
+
+    def events(self, prompt: str | Sequence[int] = "", *, memory: WorkingMemory | None = None, from_scratch: bool = False,
+               should_stop: Callable[[], bool] | None = None, **options) -> Iterator[Event]:  # fmt: skip
+        """Generate from `prompt` (text, or token ids), yielding the events
+        `--format jsonl` writes: `Started`, then per token `Token` (and `Evicted`
+        when the step evicted), then `Finished`.
+
+        With `memory`, the prompt is read after what the memory holds (as `-c` does)
+        and the memory is left holding the result; without, a fresh memory is made
+        (`capacity`, `keep`, `evict` may shape it). `options`: `max_new_tokens`,
+        `temperature` (0 is greedy), `top_k`, `top_p`, `repetition_penalty`, `seed`,
+        `stop` (a string or strings), `ignore_eos`; the model's settings otherwise.
+        `should_stop()` is asked between tokens. Stopping early (break, an exception,
+        Ctrl-C) leaves the memory consistent: the tokens read so far are in it."""
+        from wmgen.generation import generate
+        from wmgen.memory import CONTINUED, PROMPT
+
+        run_settings, shape = self._run(options)
+        ids = self._ids(prompt, from_scratch)
+        if memory is None:
+            given, values = self._shape_values(*shape)
+            with self._blame(given):
+                shape_ = self.shape(*values, prompt_tokens=len(ids))  # checked before the weights are read
+            memory = self.memory(*shape_)
+        else:
+            self._own(memory)
+            if any(v is not None for v in shape):
+                raise UsageError("capacity, keep and evict shape a new memory; this one has its own (make another with Model.memory)")
+        if not ids and not memory.tokens:
+            raise UsageError("the prompt is empty; give some text, or from_scratch=True to start from <|endoftext|>")
+        origin = CONTINUED if memory.tokens else PROMPT
+        events = generate(memory, self.tokenizer, ids, run_settings.run, run_settings.sampling, eos_id=self.eos_id,
+                          origin=origin, should_stop=should_stop or (lambda: False))  # fmt: skip
+        for event in events:
+            if isinstance(event, Started):
+                memory.sampling = asdict(replace(run_settings.sampling, seed=event.seed))
+            yield event
+
+    def stream(self, prompt: str | Sequence[int] = "", **options) -> Iterator[str]:
+        """The generated text, piece by piece, exactly as the command line streams it:
+        the pieces join to the whole continuation. Same arguments as `events`."""
+        for event in self.events(prompt, **options):
+            if isinstance(event, (Token, Finished)) and event.text:
+                yield event.text
+
+    def generate(self, prompt: str | Sequence[int] = "", **options) -> Generation:
+        """Generate and return the result: `text`, `tokens`, `logprobs` (nats),
+        `reason` (length, eos, stop, interrupted), `prompt_tokens`, `unread`,
+        `seed`, and `stats` (the `Finished` event: seconds, tokens/s, counters).
+        Same arguments as `events`."""
+        from wmgen.generation import collect
+
+        return next(collect(self.events(prompt, **options), [prompt if isinstance(prompt, str) else self.decode(prompt)]))
+
+    def generate_each(self, prompts: Sequence[str | Sequence[int]], *, seed: int | Sequence[int] | None = None, batch_size: int = 8,
+                      from_scratch: bool = False, should_stop: Callable[[], bool] | None = None, **options) -> Iterator[Generation]:  # fmt: skip
+        """Generate for several prompts, `batch_size` rows at a time (each step reads
+        the weights once for all rows); results in input order, each batch's as it
+        ends. Every row has its own memory, shaped for its own prompt, and its own
+        sampler: `seed` (one for all rows, or one per row; drawn at random when
+        None) makes each row give exactly what it gives alone with that seed.
+        Same options as `events`."""
+        from wmgen.generation import collect, generate_batch
+        from wmgen.memory import MemoryBatch
+
+        if batch_size < 1:
+            raise UsageError(f"batch_size {batch_size} must be at least 1", key="batch_size")
+        run_settings, (capacity, keep, evict) = self._run(options)
+        ids = [self._ids(p, from_scratch) for p in prompts]
+        for row in ids:
+            if not row:
+                raise UsageError("a prompt is empty; give some text, or from_scratch=True to start from <|endoftext|>")
+        given, values = self._shape_values(capacity, keep, evict)
+        with self._blame(given):
+            shapes = [self.shape(*values, prompt_tokens=len(row)) for row in ids]  # every row checked before any work
+        seeds = self._seeds(seed, len(ids), run_settings.sampling.seed)
+        texts = [p if isinstance(p, str) else self.decode(p) for p in prompts]
+        for start in range(0, len(ids), batch_size):
+            chunk = range(start, min(start + batch_size, len(ids)))
+            batch = MemoryBatch(self.network, len(chunk), shapes[start][0], [shapes[i][1] for i in chunk], [shapes[i][2] for i in chunk],
+                                tokenizer=self.tokenizer, model_id=self.name)  # fmt: skip
+            events = generate_batch(batch, self.tokenizer, [ids[i] for i in chunk], run_settings.run, run_settings.sampling,
+                                    [seeds[i] for i in chunk], eos_id=self.eos_id, should_stop=should_stop or (lambda: False))  # fmt: skip
+            done = sorted(collect(events, [texts[i] for i in chunk]), key=lambda g: g.stats.row)
+            for g in done:
+                yield replace(g, stats=replace(g.stats, row=start + g.stats.row))
+            if should_stop is not None and should_stop():
+                return
+
+    def generate_many(self, prompts: Sequence[str | Sequence[int]], **options) -> list[Generation]:
+        """`generate_each`, gathered into a list (in input order)."""
+        return list(self.generate_each(prompts, **options))
+
+    # --- scoring and inspecting -------------------------------------------------------
+
+    def perplexity(self, text: str | Sequence[int], *, capacity: int | None = None, keep: int | None = None, evict: int | None = None,
+                   max_tokens: int | None = None, progress: Callable[[int], None] | None = None) -> Score:  # fmt: skip
+        """Score `text` (or token ids) through a fresh working memory: every token but
+        the first gets the log-probability the model gives it from what is in memory
+        just before it. The `Score` has `perplexity`, `nll` (nats per token),
+        `bits_per_byte`, `tokens` scored, counters and `seconds`, as `wmgen
+        perplexity` prints them. `progress(n)` is called as tokens are scored."""
+        from wmgen.perplexity import score
+
+        ids = self._ids(text, False)
+        if max_tokens is not None:
+            ids = ids[:max_tokens]
+        if len(ids) < 2:
+            raise UsageError(f"the text has {len(ids)} token(s); scoring needs at least 2")
+        given, values = self._shape_values(capacity, keep, evict)
+        if values[1] == "prompt":
+            with self._blame(given):
+                raise UsageError("keep 'prompt' has no meaning for perplexity; give a count", key="keep")
+        return score(self.memory(*values), ids, self.tokenizer.token_bytes, progress=progress)
+
+    def preview(self, text: str, *, capacity: int | None = None, keep: int | str | None = None, evict: int | None = None) -> dict:
+        """How `text` would fill a new memory, as a snapshot (tokenizer only, no
+        weights read), with `prompt_tokens` and `unread` (tokens that would not fit)."""
+        from wmgen.window import describe, fit, kv_bytes_per_token
+
+        ids = self.encode(text)
+        if not ids:
+            raise UsageError("the prompt is empty; give some text to preview")
+        capacity, keep, evict = self.shape(capacity, keep, evict, prompt_tokens=min(len(ids), self.n_positions - 1))
+        kept, unread = fit(ids, capacity, keep)
+        value_bytes = 2 if self.settings.model.dtype in ("bfloat16", "float16") else 4
+        snap = describe(
+            kept, ["prompt"] * len(kept), [None] * len(kept), capacity=capacity, keep=keep, evict=evict,
+            counters={"evictions": 0, "evicted": 0, "recomputed": 0, "seen": len(kept)},
+            kv_bytes_per_token=kv_bytes_per_token(self.info.n_layer, self.info.n_embd, value_bytes),
+            token_text=self.tokenizer.token_text, model=self.name, tokenizer=self.tokenizer.fingerprint,
+            sampling=None, text=self.decode(kept),
+        )  # fmt: skip
+        return snap | {"prompt_tokens": len(ids), "unread": unread}
+
+    def attention(self, snapshot: dict, layer: int | None = None) -> list[float]:
+        """Per slot of a snapshot, the share of attention the last slot's query (the
+        one that predicts the next token) gives it: the mean over heads, and over
+        layers unless `layer` is given. The shares sum to 1."""
+        from wmgen.memory import WorkingMemory
+
+        self.check_tokenizer(snapshot)
+        fill = len(snapshot["slots"])
+        if not fill:
+            raise UsageError("the memory is empty: nothing to attend to")
+        if layer is not None and not 0 <= layer < self.info.n_layer:
+            raise UsageError(f"layer {layer}: the model has layers 0..{self.info.n_layer - 1}", key="layer")
+        if fill > self.n_positions:
+            raise UsageError(f"the memory holds {fill} tokens, more than {self.info.name} can read ({self.n_positions})")
+        memory = WorkingMemory(self.network, max(2, fill), 0, 1)
+        memory.restore(snapshot | {"keep": 0})
+        weights = memory.attention()  # [layers, heads, fill]
+        picked = weights.mean(dim=(0, 1)) if layer is None else weights[layer].mean(dim=0)
+        return [round(float(x), 6) for x in picked]
+
+    # --- helpers -----------------------------------------------------------------------
+
+    def _ids(self, prompt: str | Sequence[int], from_scratch: bool) -> list[int]:
+        if isinstance(prompt, str):
+            return self.encode(prompt, from_scratch=from_scratch)
+        ids = [int(t) for t in prompt]
+        if any(not 0 <= t < self.info.vocab_size for t in ids):
+            raise UsageError(f"token ids must be in 0..{self.info.vocab_size - 1}")
+        return ([self.tokenizer.eos_id] if from_scratch else []) + ids
+
+    def _own(self, memory: WorkingMemory) -> None:
+        if memory.model is not self.network:
+            raise UsageError("this memory belongs to another model; make one with this model's memory()")
+        if memory.tokenizer is None:
+            memory.tokenizer, memory.model_id = self.tokenizer, self.name
+
+    def _run(self, options: dict) -> tuple[Settings, tuple]:
+        """The model's settings with this call's options over them (checked), and the
+        call's memory shape (None where not given)."""
+        unknown = sorted(set(options) - set(SAMPLING_KEYS + RUN_KEYS + SHAPE_KEYS))
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments: {', '.join(unknown)}")
+        sampling = {k: coerce(k, v, k) for k, v in options.items() if k in SAMPLING_KEYS and v is not None}
+        run = {k: coerce(k, v, k) for k, v in options.items() if k in RUN_KEYS and v is not None}
+        s = self.settings
+        settings = replace(s, sampling=replace(s.sampling, **sampling), run=replace(s.run, **run))
+        shape = tuple(None if options.get(k) is None else coerce(k, options[k], k) for k in SHAPE_KEYS)
+        return settings, shape
+
+    def _shape_values(self, capacity, keep, evict) -> tuple[set[str], tuple]:
+        """Which shape values the caller gave, and the values with the settings' filling in."""
+        m = self.settings.memory
+        given = {k for k, v in zip(SHAPE_KEYS, (capacity, keep, evict)) if v is not None}
+        return given, (
+            m.capacity if capacity is None else capacity,
+            m.keep if keep is None else keep,
+            m.evict if evict is None else evict,
+        )
+
+    @contextmanager
+    def _blame(self, given: set[str]):
+        """An engine error about a setting: name the settings' source for it (a flag,
+        a variable, a config key) unless the caller gave the value."""
+        try:
+            yield
+        except UsageError as e:
+            if e.key is None or e.key in given:
+                raise
+            raise blame(e, self.settings) from None
+
+    @staticmethod
+    def _seeds(seed, rows: int, default: int | None) -> list[int]:
+        if seed is None:
+            seed = default if default is not None else secrets.randbits(62)
+        if isinstance(seed, int):
+            return [coerce("seed", seed, "seed")] * rows
+        seeds = [coerce("seed", s, "seed") for s in seed]
+        if len(seeds) != rows:
+            raise UsageError(f"{len(seeds)} seeds for {rows} prompts; give one seed, or one per prompt", key="seed")
+        return seeds
+
+
+def model_id(name: str) -> str:
+    """A hub id as given; a local folder as an absolute path, so `-c` works from anywhere."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
