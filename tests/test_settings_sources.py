@@ -476,6 +476,24 @@ def test_a_fifo_as_the_user_config_is_refused_without_waiting(tmp_path):
     assert isinstance(error, UsageError) and str(home / "config.toml") in str(error), repr(error)
 
 
+names = st.one_of(
+    st.text(max_size=12),
+    st.builds(lambda a, b, c: a + b + c, st.sampled_from(["", "~", "~nobody-here/", "/", "./", "../", "/dev/"]),
+              st.text(max_size=6) | SURROGATES | st.just("\0"), st.sampled_from(["", ".toml", "/x.toml"])),
+    st.integers(250, 5000).map(lambda n: "x" * n),
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(config=names, home=names)
+def test_any_config_name_or_home_gives_settings_or_a_one_line_error(config, home):
+    try:
+        load_settings(flags={}, env={"WMGEN_HOME": home}, config=config)
+    except UsageError as e:
+        assert_one_line(str(e))
+        assert is_utf8(str(e)), "a message must print on any terminal"
+
+
 def test_a_folder_given_as_config_is_refused(tmp_path, empty_home):
     folder = tmp_path / "configs.toml"
     folder.mkdir()

@@ -2,8 +2,11 @@
 
 Precedence, lowest to highest: built-in defaults < the chosen preset or config file
 (`configs/default.toml` when none is chosen) < the user config file < `WMGEN_*`
-environment variables < command-line flags. Each value remembers where it came
-from, so an error can name the file and key, the variable or the flag to fix.
+environment variables < command-line flags. Every value is checked in the layer
+that holds it (a bad one is reported even when a higher layer overrides it), and
+each winning value remembers where it came from (`Settings.sources`), so an error,
+also one the engine raises later (`blame`), names the file and key, the variable or
+the flag to fix.
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ SECTION_CLASSES = {"model": ModelSettings, "memory": MemorySettings, "sampling":
 
 
 def home(env: Mapping[str, str]) -> Path | None:
-    return Path(env["WMGEN_HOME"]).expanduser() if env.get("WMGEN_HOME") else None
+    return _expanded(Path(env["WMGEN_HOME"])) if env.get("WMGEN_HOME") else None
 
 
 def user_config_path(env: Mapping[str, str]) -> Path:
@@ -197,7 +200,7 @@ def read_config_bytes(path: Path, label: str) -> bytes:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise UsageError(f"{label} is not a regular file (a pipe or a device?); give a TOML file")
             data = f.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
+    except (FileNotFoundError, UsageError):
         raise
     except OSError as e:
         raise UsageError(f"cannot read config file {label}: {e.strerror or e}") from None
@@ -236,8 +239,8 @@ def read_config_file(text: str, label: str) -> dict[str, tuple[object, str]]:
 def preset_layer(config: str | None) -> tuple[str, dict]:
     """The preset or config file chosen with --config (default.toml when none)."""
     name = config or "default"
-    path = Path(name).expanduser()
-    if name.endswith(".toml") or "/" in name or path.is_file():
+    path = _expanded(Path(name))
+    if name.endswith(".toml") or "/" in name or _is_file(path):
         label = shown(str(path))
         try:
             data = read_config_bytes(path, label)
@@ -245,10 +248,24 @@ def preset_layer(config: str | None) -> tuple[str, dict]:
             raise UsageError(f"cannot read config file {shown(name)}: no such file") from None
         return str(path), read_config_file(decode_utf8(data, label), label)
     entry = preset_folder() / f"{name}.toml"
-    if not entry.is_file():
+    if not _is_file(entry):
         raise UsageError(f"unknown preset '{shown(name)}'; presets: {', '.join(presets())} (or pass a path to a .toml file)")
     label = f"preset '{name}'"
     return name, read_config_file(decode_utf8(entry.read_bytes(), label), label)
+
+
+def _expanded(path: Path) -> Path:
+    try:
+        return path.expanduser()
+    except (RuntimeError, ValueError):  # ~someone who does not exist (or a NUL): just a name
+        return path
+
+
+def _is_file(path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for a path, a NUL
+        return False
 
 
 def user_layer(env: Mapping[str, str]) -> dict:
@@ -265,8 +282,11 @@ def env_layer(env: Mapping[str, str]) -> dict:
     return {k: (env[f"WMGEN_{k.upper()}"], f"WMGEN_{k.upper()}") for k in KEYS if env.get(f"WMGEN_{k.upper()}", "") != ""}
 
 
-def flag_layer(flags: Mapping[str, object]) -> dict:
-    return {k: (v, f"--{k.replace('_', '-')}") for k, v in flags.items() if v is not None and v != ()}
+def flag_layer(flags: Mapping[str, object], given: str = "flag") -> dict:
+    """Values given on the command line (`--top-k`) or, `given="argument"`, to a
+    library call (`top_k`)."""
+    label = (lambda k: f"--{k.replace('_', '-')}") if given == "flag" else (lambda k: k)
+    return {k: (v, label(k)) for k, v in flags.items() if v is not None and v != ()}
 
 
 def unknown_env(env: Mapping[str, str]) -> list[str]:
@@ -438,11 +458,14 @@ def coerce(key: str, value, where: str):
     raise KeyError(key)
 
 
-def load_settings(*, flags: Mapping[str, object], env: Mapping[str, str], config: str | None = None) -> Settings:
+def load_settings(*, flags: Mapping[str, object], env: Mapping[str, str], config: str | None = None,
+                  user_config: bool = True, given: str = "flag") -> Settings:  # fmt: skip
     """Check every value in its own layer (so a bad value is reported where it is
-    written, even when a higher layer overrides it), then merge and build `Settings`."""
+    written, even when a higher layer overrides it), then merge and build `Settings`.
+    The library passes `user_config=False` (it reads no user config file) and
+    `given="argument"` (its values are keyword arguments, not flags)."""
     preset, preset_values = preset_layer(config)
-    layers = (preset_values, user_layer(env), env_layer(env), flag_layer(flags))
+    layers = (preset_values, user_layer(env) if user_config else {}, env_layer(env), flag_layer(flags, given))
     values: dict[str, object] = {}
     sources: dict[str, str] = {}
     for i, layer in enumerate(layers):
