@@ -554,8 +554,9 @@ def test_oversized_tokenizer_file_is_refused(tiny_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(wmgen.tokens, "TOKENIZER_LIMIT", 1 << 20)
     folder = checkpoint_with(tiny_dir, tmp_path / "m")
+    size = (folder / "tokenizer.json").stat().st_size
     assert refused(lambda: load_tokenizer(str(folder))) == (
-        f"{folder}/tokenizer.json is larger than 1 MiB, too large for this kind of file; is it the right file?"
+        f"{folder}/tokenizer.json is larger than 1 MiB ({size} bytes), more than wmgen reads from such a file; put the checkpoint's own file there"
     )
 
 

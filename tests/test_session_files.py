@@ -287,7 +287,7 @@ def test_a_session_file_cut_anywhere_is_a_one_line_error(tmp_path):
 @pytest.mark.parametrize(
     "content, reason",
     [
-        (b"\xff\xfe{}", "it is not UTF-8 text (byte 0)"),
+        (b"\xff\xfe{}", "it is not UTF-8 text (bad byte at offset 0)"),
         (b"[1, 2, 3]", "it holds a list of 3, not a JSON object"),
         (b"", "it is empty"),
         (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
@@ -307,7 +307,7 @@ def test_a_session_file_over_the_size_limit_is_refused_without_reading_it(tmp_pa
     with path.open("r+b") as f:
         f.truncate(sessions.MAX_BYTES + 1)  # sparse: no bytes written
     message = read_error(tmp_path)
-    assert f"it is {sessions.MAX_BYTES + 1} bytes, more than a session file may be (64 MiB)" in message
+    assert f"it is larger than 64 MiB ({sessions.MAX_BYTES + 1} bytes), more than wmgen reads from such a file" in message
     with pytest.raises(SessionError, match="so it was not replaced"):
         sessions.write(tmp_path, "last", a_snapshot())
     assert path.stat().st_size == sessions.MAX_BYTES + 1
@@ -362,8 +362,8 @@ def unreadable_kinds(state: Path) -> dict[str, str]:
     with (folder / "huge.json").open("wb") as f:
         f.truncate(sessions.MAX_BYTES + 1)
     os.symlink(folder / "nowhere", folder / "dangling.json")
-    kinds = {"badjson": "not valid JSON", "badfield": "'capacity' is -5", "fifo": "named pipe", "dir": "a directory",
-             "huge": "more than a session file may be", "dangling": "symbolic link to a missing file"}  # fmt: skip
+    kinds = {"badjson": "not valid JSON", "badfield": "'capacity' is -5", "fifo": "named pipe", "dir": "a folder",
+             "huge": "larger than 64 MiB", "dangling": "symbolic link to a missing file"}  # fmt: skip
     if os.geteuid() != 0:  # root reads anything
         saved(state, "private")
         (folder / "private.json").chmod(0)
@@ -394,7 +394,7 @@ def test_a_directory_where_a_session_should_be_is_not_deleted_and_not_an_interna
         sessions.delete(tmp_path, "x")
     assert str(caught.value) == f"session 'x' ({folder / 'x.json'}) is a directory, not a session file; move or remove it yourself"
     assert (folder / "x.json" / "keep-me").read_text(encoding="utf-8") == "mine"
-    assert read_error(tmp_path, "x").endswith("it is a directory, not a regular file; move or remove it yourself")
+    assert read_error(tmp_path, "x").endswith("it is a folder, not a regular file; move or remove it yourself")
 
 
 def test_deleting_a_fifo_session_removes_it_without_opening_it(tmp_path, fifo_session):

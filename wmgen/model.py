@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wmgen.errors import ModelError, UsageError
-from wmgen.tokens import Tokenizer, file_kind, one_line, open_regular, read_text
+from wmgen import files
+from wmgen.files import one_line
+from wmgen.tokens import Tokenizer, read_text
 
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
 CONFIG_LIMIT = 1 << 20  # bytes of config.json (gpt2's: 0.7 kB)
@@ -63,7 +65,7 @@ def find_model(name: str, *, download: bool = True) -> Path:
     if mode is not None:
         if stat.S_ISDIR(mode):
             return path
-        what = "a file" if stat.S_ISREG(mode) else file_kind(mode)
+        what = "a file" if stat.S_ISREG(mode) else files.kind(mode)
         raise ModelError(f"{name} is {what}, not a model folder: pass the folder that holds config.json, model.safetensors and a tokenizer")
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
         raise ModelError(f"no model folder at {name}: pass a folder with config.json, model.safetensors and a tokenizer")
@@ -372,7 +374,13 @@ def read_safetensors(path: Path, *, dtype, device: str, transpose: set[str] = fr
     """
     import torch
 
-    with open_regular(path) as f:
+    try:
+        weights = files.open_regular(path)
+    except FileNotFoundError:
+        raise ModelError(f"{path} is missing") from None
+    except files.FileProblem as e:
+        raise ModelError(f"{path} {e}; put the checkpoint's own file there") from None
+    with weights as f:
         try:
             tensors, base = read_header(f, path)
             if check is not None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+from wmgen import files
 from wmgen.errors import SessionError, UsageError
 
 SCHEMA_VERSION = 1
@@ -217,13 +218,12 @@ def _show(value) -> str:
 def _load(path: Path) -> dict:
     """The session at `path`, validated. FileNotFoundError when there is none;
     Unusable or OtherVersion when what is there cannot be used."""
-    data = _read_bytes(path)
-    if not data.strip():
-        raise Unusable("it is empty")
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise Unusable(f"it is not UTF-8 text (byte {e.start})") from None
+        text = files.utf8(files.read_regular(path, MAX_BYTES))
+    except files.FileProblem as e:
+        raise Unusable(f"it {e}") from None
+    if not text.strip():
+        raise Unusable("it is empty")
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
@@ -233,44 +233,6 @@ def _load(path: Path) -> dict:
     except RecursionError:
         raise Unusable("it is not valid JSON (nested too deeply)") from None
     return validate(record)
-
-
-def _read_bytes(path: Path) -> bytes:
-    """The bytes of a regular file of at most MAX_BYTES, without ever blocking on a
-    FIFO or reading a device."""
-    try:
-        _check_regular(os.stat(path))
-        # O_NONBLOCK: a FIFO put there after the stat cannot hang the open
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except (FileNotFoundError, NotADirectoryError):
-        if os.path.islink(path):
-            raise Unusable("it is a symbolic link to a missing file") from None
-        raise FileNotFoundError(path) from None
-    except OSError as e:
-        raise Unusable(f"it cannot be opened ({e.strerror})") from None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            _check_regular(os.fstat(f.fileno()))
-            data = f.read(MAX_BYTES + 1)
-    except OSError as e:
-        raise Unusable(f"it cannot be read ({e.strerror})") from None
-    if len(data) > MAX_BYTES:
-        raise Unusable(_too_big(len(data)))
-    return data
-
-
-def _check_regular(st: os.stat_result) -> None:
-    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket",
-             stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}  # fmt: skip
-    if not stat.S_ISREG(st.st_mode):
-        kind = next((k for test, k in kinds.items() if test(st.st_mode)), "a special file")
-        raise Unusable(f"it is {kind}, not a regular file")
-    if st.st_size > MAX_BYTES:
-        raise Unusable(_too_big(st.st_size))
-
-
-def _too_big(size: int) -> str:
-    return f"it is {size} bytes, more than a session file may be ({MAX_BYTES // 2**20} MiB)"
 
 
 def _unusable(name: str, path: Path, e: Exception, replaced: bool = False) -> SessionError:

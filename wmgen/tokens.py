@@ -10,75 +10,24 @@ import codecs
 import hashlib
 import json
 import os
-import stat
 from functools import cache, cached_property
 from pathlib import Path
 
+from wmgen import files
 from wmgen.errors import ModelError
 
 EOS_TEXT = "<|endoftext|>"
 TOKENIZER_LIMIT = 64 << 20  # bytes in one tokenizer file (gpt2's tokenizer.json: 3.6 MB)
 
 
-# --- checkpoint files: regular files only, of a bounded size -----------------------
-# (here rather than in model.py because model.py imports this module)
-
-
-def open_regular(path: Path):
-    """`path` opened for binary reading if it is a regular file. A FIFO, a device or a
-    folder is refused before it is opened, and the open itself never blocks (a FIFO
-    swapped in between is caught by `fstat`)."""
-    try:
-        mode = os.stat(path).st_mode
-        if stat.S_ISREG(mode):
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            mode = os.fstat(fd).st_mode
-            if not stat.S_ISREG(mode):
-                os.close(fd)
-    except OSError as e:
-        raise ModelError(f"cannot read {path}: {e.strerror}") from None
-    if not stat.S_ISREG(mode):
-        raise ModelError(f"{path} is {file_kind(mode)}, not a regular file; put the checkpoint's own file there")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
-
-
-def read_limited(path: Path, limit: int) -> bytes:
-    """The bytes of regular file `path`, refused if it holds more than `limit`."""
-    with open_regular(path) as f:
-        try:
-            data = f.read(limit + 1)
-        except OSError as e:
-            raise ModelError(f"cannot read {path}: {e.strerror}") from None
-    if len(data) > limit:
-        raise ModelError(f"{path} is larger than {limit >> 20} MiB, too large for this kind of file; is it the right file?")
-    return data
-
-
 def read_text(path: Path, limit: int) -> str:
-    """`read_limited`, decoded as UTF-8."""
+    """A checkpoint's text file: regular, at most `limit` bytes, UTF-8."""
     try:
-        return read_limited(path, limit).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ModelError(f"{path} is not UTF-8 text (byte {e.start}); is it the right file?") from None
-
-
-def file_kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "a special file"
-
-
-def one_line(text, limit: int = 200) -> str:
-    """`text` (a library's message) as one line of at most `limit` characters."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+        return files.utf8(files.read_regular(path, limit))
+    except FileNotFoundError:
+        raise ModelError(f"{path} is missing") from None
+    except files.FileProblem as e:
+        raise ModelError(f"{path} {e}; put the checkpoint's own file there") from None
 
 
 @cache
@@ -113,14 +62,14 @@ class Tokenizer:
             try:
                 return cls(tokenizers.Tokenizer.from_str(text), str(folder))
             except Exception as e:  # the library raises plain Exception for bad files
-                raise ModelError(f"cannot read the tokenizer {path}: {one_line(e)}") from None
+                raise ModelError(f"cannot read the tokenizer {path}: {files.one_line(e)}") from None
         vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
         if os.path.lexists(vocab_path) and os.path.lexists(merges_path):
             vocab, merges = read_vocab(vocab_path), read_merges(merges_path)
             try:
                 backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges))
             except Exception as e:
-                raise ModelError(f"cannot read the tokenizer in {folder} (vocab.json, merges.txt): {one_line(e)}") from None
+                raise ModelError(f"cannot read the tokenizer in {folder} (vocab.json, merges.txt): {files.one_line(e)}") from None
             backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
             backend.decoder = tokenizers.decoders.ByteLevel()
             backend.add_special_tokens([EOS_TEXT])
@@ -169,7 +118,7 @@ def read_vocab(path: Path) -> dict[str, int]:
     try:
         vocab = json.loads(read_text(path, TOKENIZER_LIMIT))
     except (ValueError, RecursionError) as e:
-        raise ModelError(f"{path} is not valid JSON: {one_line(e)}") from None
+        raise ModelError(f"{path} is not valid JSON: {files.one_line(e)}") from None
     if not isinstance(vocab, dict) or not all(type(i) is int and 0 <= i < 1 << 32 for i in vocab.values()):
         raise ModelError(f"{path} is not a vocabulary: expected a JSON object from token to id (a whole number >= 0)")
     return vocab
