@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import ok, one_line_error
-from wmgen import sessions as session
+from wmgen import session
 from wmgen.cli import app
 from wmgen.errors import SessionError
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from wmgen import sessions
+from wmgen import session as sessions
 from wmgen.errors import SessionError
 from wmgen.window import describe
 

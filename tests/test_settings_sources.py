@@ -507,7 +507,7 @@ def test_a_config_file_over_a_mebibyte_is_refused(tmp_path, empty_home):
     path.write_text("[sampling]\ntemperature = 0.5\n" + "# padding\n" * 110_000, encoding="utf-8")
     with pytest.raises(UsageError) as e:
         load_settings(flags={}, env=empty_home, config=str(path))
-    assert str(path) in str(e.value) and "KiB" in str(e.value)
+    assert str(path) in str(e.value) and "larger than 1 MiB" in str(e.value)
     assert_one_line(str(e.value))
 
 

@@ -53,7 +53,7 @@ _WHERE = {
 }
 
 if TYPE_CHECKING:
-    from wmgen import sessions
+    from wmgen import session as sessions
     from wmgen.api import Model, load
     from wmgen.errors import ModelError, SessionError, UsageError, WmgenError
     from wmgen.events import Evicted, Finished, Generation, Started, Token
@@ -65,8 +65,8 @@ if TYPE_CHECKING:
 def __getattr__(name: str):
     import importlib
 
-    if name == "sessions":
-        return importlib.import_module("wmgen.sessions")
+    if name == "sessions":  # the public name of wmgen/session.py: saved memories
+        return importlib.import_module("wmgen.session")
     if name in _WHERE:
         value = getattr(importlib.import_module(_WHERE[name]), name)
         globals()[name] = value

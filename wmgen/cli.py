@@ -9,6 +9,7 @@ import io
 import os
 import stat
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Optional
 
@@ -39,6 +40,29 @@ class Group(TyperGroup):
         if standalone_mode:
             sys.exit(code)
         return code
+
+    # click turns a closed pipe met while parsing (--help, --version) or running into
+    # exit 1; make it the quiet BrokenPipe before click sees it
+    def make_context(self, *args, **kwargs):
+        with pipe_closed_is_quiet():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with pipe_closed_is_quiet():
+            return super().invoke(ctx)
+
+
+@contextmanager
+def pipe_closed_is_quiet():
+    try:
+        yield
+    except BrokenPipeError:
+        raise BrokenPipe from None
+
+
+def pipe_closed() -> None:
+    """For rich's `Console.on_broken_pipe`, which would exit with status 1."""
+    raise BrokenPipe
 
 
 def run_guarded(call) -> int:
@@ -158,11 +182,18 @@ def root(
 # --- reading text ------------------------------------------------------------------
 
 
-def read_limited(stream, where: str) -> bytes:
-    data = stream.read(MAX_TEXT_BYTES + 1)
-    if len(data) > MAX_TEXT_BYTES:
-        raise UsageError(f"{where} holds more than {MAX_TEXT_BYTES >> 20} MiB of text, more than wmgen reads; cut it first (e.g. head -c 1M)")
-    return data
+def read_text(stream, where: str) -> str:
+    """At most MAX_TEXT_BYTES of UTF-8 text from a binary stream."""
+    from wmgen import files
+
+    try:
+        data = files.read_stream(stream, MAX_TEXT_BYTES)
+    except files.FileProblem as e:
+        raise UsageError(f"{where} {e}; cut it first (e.g. head -c 1M)") from None
+    try:
+        return files.utf8(data)
+    except files.FileProblem as e:
+        raise UsageError(f"{where} {e}; convert it first, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def stdin_text(*, quiet: bool = True) -> str | None:
@@ -174,12 +205,11 @@ def stdin_text(*, quiet: bool = True) -> str | None:
         mode = os.fstat(stream.fileno()).st_mode
         if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)):
             return None
-        if stat.S_ISFIFO(mode) and not quiet and not waiting_is_quick(stream.fileno()):
+        if stat.S_ISFIFO(mode) and not quiet and sys.stderr is not None and sys.stderr.isatty() and not waiting_is_quick(stream.fileno()):
             notice("waiting for text on stdin (add --no-stdin to ignore it)")
     except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
         pass  # an in-memory stream (tests): read it
-    data = read_limited(stream.buffer, "stdin") if hasattr(stream, "buffer") else stream.read(MAX_TEXT_BYTES + 1).encode()
-    return decode_utf8(data, "stdin")
+    return read_text(stream.buffer if hasattr(stream, "buffer") else io.BytesIO(stream.read().encode()), "stdin")
 
 
 def waiting_is_quick(fd: int, seconds: float = 1.0) -> bool:
@@ -192,15 +222,6 @@ def waiting_is_quick(fd: int, seconds: float = 1.0) -> bool:
         return True
 
 
-def decode_utf8(data: bytes, where: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(
-            f"{where} is not UTF-8 text (bad byte at offset {e.start}); convert it first, e.g. iconv -f latin1 -t utf-8"
-        ) from None
-
-
 def read_utf8_file(path: str, what: str) -> str:
     """A text file (or a pipe, as `-f <(cmd)` gives), at most MAX_TEXT_BYTES."""
     if path == "-":
@@ -210,7 +231,7 @@ def read_utf8_file(path: str, what: str) -> str:
         return text
     try:
         with open(path, "rb") as f:
-            return decode_utf8(read_limited(f, path), path)
+            return read_text(f, path)
     except IsADirectoryError:
         raise UsageError(f"{path} is a folder; give a {what}") from None
     except OSError as e:
@@ -310,7 +331,7 @@ def generate(
     The final working memory is saved as session 'last' (or --session NAME);
     -c continues from it.
     """
-    from wmgen import sessions
+    from wmgen import session as sessions
     from wmgen.settings import check_utf8, coerce, state_dir
 
     check_utf8(separator, "--separator")
@@ -478,7 +499,7 @@ def save_memory(save_to, memory, *, report: bool = True) -> dict:
     written). Returns what the JSON output says about it."""
     if save_to is None:
         return {"saved": False, "session": None}
-    from wmgen import sessions
+    from wmgen import session as sessions
 
     state, name = save_to
     try:
@@ -577,7 +598,9 @@ def console_for(no_color: bool):
     from rich.console import Console
 
     plain = no_color or bool(os.environ.get("NO_COLOR")) or not sys.stdout.isatty()
-    return Console(color_system=None if plain else "auto", highlight=False, soft_wrap=False), plain
+    console = Console(color_system=None if plain else "auto", highlight=False, soft_wrap=False)
+    console.on_broken_pipe = pipe_closed
+    return console, plain
 
 
 @app.command("inspect-memory")
@@ -603,7 +626,7 @@ def inspect_memory(
 
     Loads no model weights unless --attention is given.
     """
-    from wmgen import sessions
+    from wmgen import session as sessions
     from wmgen.settings import state_dir
 
     if head is not None and tail is not None:
@@ -657,7 +680,7 @@ def list_sessions(
     no_color: Annotated[bool, typer.Option("--no-color", help="No colour or box drawing.")] = False,
 ) -> None:
     """List saved sessions (or delete some with --delete NAME)."""
-    from wmgen import sessions
+    from wmgen import session as sessions
     from wmgen.render import put
     from wmgen.settings import state_dir
 

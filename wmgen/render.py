@@ -12,8 +12,9 @@ from wmgen.errors import OutputError
 from wmgen.events import Event, Evicted, Finished, Generation, Started, Token
 
 
-class PipeClosed(Exception):
-    """The reader of stdout went away (`| head`)."""
+class PipeClosed(BrokenPipeError):
+    """The reader of stdout went away (`| head`); a BrokenPipeError, so that whatever
+    command meets it ends quietly."""
 
 
 def put(out: TextIO, text: str) -> None:

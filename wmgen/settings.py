@@ -15,13 +15,13 @@ import codecs
 import difflib
 import math
 import os
-import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
+from wmgen import files
 from wmgen.errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -175,40 +175,23 @@ def check_utf8(text: str, where: str) -> str:
     return text
 
 
-def decode_utf8(data: bytes, label: str) -> str:
+def config_text(data: bytes, label: str) -> str:
     """Bytes of a config file as text; a UTF-8 byte order mark is allowed and dropped."""
-    skipped = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return data[skipped:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{label} is not UTF-8 text (bad byte at offset {e.start + skipped}); save it as UTF-8") from None
+        return files.utf8(data.removeprefix(codecs.BOM_UTF8))
+    except files.FileProblem as e:
+        raise UsageError(f"{label} {e}; save it as UTF-8") from None
 
 
-def read_config_bytes(path: Path, label: str) -> bytes:
-    """The bytes of a config file: a regular file of at most `MAX_CONFIG_BYTES`.
-    A FIFO, a device or a folder is refused before it is opened (reading a FIFO
-    would wait for a writer forever), and opened without blocking in case it is
-    swapped in between. FileNotFoundError goes to the caller."""
+def read_config_text(path: Path, label: str) -> str:
+    """The text of a config file: a regular file of at most `MAX_CONFIG_BYTES` (a
+    FIFO would wait for a writer forever). FileNotFoundError goes to the caller."""
     try:
-        info = os.stat(path)
-        if stat.S_ISDIR(info.st_mode):
-            raise UsageError(f"{label} is a folder; give a TOML file")
-        if not stat.S_ISREG(info.st_mode):
-            raise UsageError(f"{label} is not a regular file (a pipe or a device?); give a TOML file")
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise UsageError(f"{label} is not a regular file (a pipe or a device?); give a TOML file")
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except (FileNotFoundError, UsageError):
-        raise
-    except OSError as e:
-        raise UsageError(f"cannot read config file {label}: {e.strerror or e}") from None
+        return config_text(files.read_regular(path, MAX_CONFIG_BYTES), label)
+    except files.FileProblem as e:
+        raise UsageError(f"{label} {e}; give a TOML file") from None
     except ValueError as e:  # a NUL in the path
         raise UsageError(f"cannot read config file {label}: {e}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise UsageError(f"{label} is larger than {MAX_CONFIG_BYTES // 1024} KiB; a config file is a few lines of TOML")
-    return data
 
 
 # --- reading sources ---------------------------------------------------------
@@ -243,15 +226,15 @@ def preset_layer(config: str | None) -> tuple[str, dict]:
     if name.endswith(".toml") or "/" in name or _is_file(path):
         label = shown(str(path))
         try:
-            data = read_config_bytes(path, label)
+            data = read_config_text(path, label)
         except FileNotFoundError:
             raise UsageError(f"cannot read config file {shown(name)}: no such file") from None
-        return str(path), read_config_file(decode_utf8(data, label), label)
+        return str(path), read_config_file(data, label)
     entry = preset_folder() / f"{name}.toml"
     if not _is_file(entry):
         raise UsageError(f"unknown preset '{shown(name)}'; presets: {', '.join(presets())} (or pass a path to a .toml file)")
     label = f"preset '{name}'"
-    return name, read_config_file(decode_utf8(entry.read_bytes(), label), label)
+    return name, read_config_file(config_text(entry.read_bytes(), label), label)
 
 
 def _expanded(path: Path) -> Path:
@@ -272,10 +255,10 @@ def user_layer(env: Mapping[str, str]) -> dict:
     path = user_config_path(env)
     label = shown(str(path))
     try:
-        data = read_config_bytes(path, label)
+        data = read_config_text(path, label)
     except FileNotFoundError:
         return {}
-    return read_config_file(decode_utf8(data, label), label)
+    return read_config_file(data, label)
 
 
 def env_layer(env: Mapping[str, str]) -> dict:
