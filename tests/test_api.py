@@ -260,3 +260,14 @@ def test_one_model_serves_memories_from_two_threads(lm):
     for t in threads:
         t.join()
     assert [results[0], results[1]] == alone
+
+
+def test_bad_arguments_raise_when_called_not_when_first_iterated(lm):
+    import wmgen
+
+    with pytest.raises(wmgen.UsageError, match="temperature"):
+        lm.events(PROMPT, temperature=-1)
+    with pytest.raises(wmgen.UsageError, match="top-p"):
+        lm.stream(PROMPT, top_p=2)
+    with pytest.raises(wmgen.UsageError, match="empty"):
+        lm.events("")

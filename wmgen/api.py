@@ -194,6 +194,8 @@ class Model:
 
         run_settings, shape = self._run(options)
         ids = self._ids(prompt, from_scratch)
+        if not ids and (memory is None or not memory.tokens):
+            raise UsageError("the prompt is empty; give some text, or from_scratch=True to start from <|endoftext|>")
         if memory is None:
             given, values = self._shape_values(*shape)
             with self._blame(given):
@@ -203,22 +205,24 @@ class Model:
             self._own(memory)
             if any(v is not None for v in shape):
                 raise UsageError("capacity, keep and evict shape a new memory; this one has its own (make another with Model.memory)")
-        if not ids and not memory.tokens:
-            raise UsageError("the prompt is empty; give some text, or from_scratch=True to start from <|endoftext|>")
         origin = CONTINUED if memory.tokens else PROMPT
         events = generate(memory, self.tokenizer, ids, run_settings.run, run_settings.sampling, eos_id=self.eos_id,
                           origin=origin, should_stop=should_stop or (lambda: False))  # fmt: skip
+        return self._recording(events, memory, run_settings.sampling)
+
+    @staticmethod
+    def _recording(events: Iterator[Event], memory: WorkingMemory, sampling) -> Iterator[Event]:
+        """The events, with the run's sampling settings (and seed) noted on the memory."""
         for event in events:
             if isinstance(event, Started):
-                memory.sampling = asdict(replace(run_settings.sampling, seed=event.seed))
+                memory.sampling = asdict(replace(sampling, seed=event.seed))
             yield event
 
     def stream(self, prompt: str | Sequence[int] = "", **options) -> Iterator[str]:
         """The generated text, piece by piece, exactly as the command line streams it:
         the pieces join to the whole continuation. Same arguments as `events`."""
-        for event in self.events(prompt, **options):
-            if isinstance(event, (Token, Finished)) and event.text:
-                yield event.text
+        events = self.events(prompt, **options)  # checked now, not at the first piece
+        return (event.text for event in events if isinstance(event, (Token, Finished)) and event.text)
 
     def generate(self, prompt: str | Sequence[int] = "", **options) -> Generation:
         """Generate and return the result: `text`, `tokens`, `logprobs` (nats),
