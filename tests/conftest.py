@@ -30,6 +30,26 @@ SAMPLE_TEXT = (
 )
 
 
+# key -> (TOML section, TOML key, Settings attribute, field); written out here, not
+# taken from wmgen, so a mapping mistake in wmgen shows up as a failure.
+WHERE = {
+    "model": ("model", "model", "model", "name"),
+    "device": ("model", "device", "model", "device"),
+    "dtype": ("model", "dtype", "model", "dtype"),
+    "capacity": ("memory", "capacity", "memory", "capacity"),
+    "keep": ("memory", "keep", "memory", "keep"),
+    "evict": ("memory", "evict", "memory", "evict"),
+    "temperature": ("sampling", "temperature", "sampling", "temperature"),
+    "top_k": ("sampling", "top_k", "sampling", "top_k"),
+    "top_p": ("sampling", "top_p", "sampling", "top_p"),
+    "repetition_penalty": ("sampling", "repetition_penalty", "sampling", "repetition_penalty"),
+    "seed": ("sampling", "seed", "sampling", "seed"),
+    "max_new_tokens": ("run", "max_new_tokens", "run", "max_new_tokens"),
+    "stop": ("run", "stop", "run", "stop"),
+    "ignore_eos": ("run", "ignore_eos", "run", "ignore_eos"),
+}
+
+
 def write_tokenizer(folder: Path) -> None:
     """The real GPT-2 tokenizer if present, else a small byte-level BPE trained here."""
     if (GPT2_TOKENIZER / "tokenizer.json").is_file():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import WHERE
 from wmgen.errors import UsageError
 from wmgen.settings import MemorySettings, ModelSettings, RunSettings, Sampling, Settings, load_settings
 
@@ -21,24 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 PRESET_FILES = sorted(CONFIGS.glob("*.toml"))
 
-# key -> (TOML section, TOML key, Settings attribute, field); written out here, not
-# taken from wmgen, so a mapping mistake in wmgen shows up as a failure.
-WHERE = {
-    "model": ("model", "model", "model", "name"),
-    "device": ("model", "device", "model", "device"),
-    "dtype": ("model", "dtype", "model", "dtype"),
-    "capacity": ("memory", "capacity", "memory", "capacity"),
-    "keep": ("memory", "keep", "memory", "keep"),
-    "evict": ("memory", "evict", "memory", "evict"),
-    "temperature": ("sampling", "temperature", "sampling", "temperature"),
-    "top_k": ("sampling", "top_k", "sampling", "top_k"),
-    "top_p": ("sampling", "top_p", "sampling", "top_p"),
-    "repetition_penalty": ("sampling", "repetition_penalty", "sampling", "repetition_penalty"),
-    "seed": ("sampling", "seed", "sampling", "seed"),
-    "max_new_tokens": ("run", "max_new_tokens", "run", "max_new_tokens"),
-    "stop": ("run", "stop", "run", "stop"),
-    "ignore_eos": ("run", "ignore_eos", "run", "ignore_eos"),
-}
 
 # key -> a value for each layer: (preset/--config file, user config, environment, flag);
 # each differs from the layer below it.

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
+from conftest import WHERE
 from wmgen.errors import UsageError
 from wmgen.settings import (
     DEVICES,
@@ -27,24 +28,6 @@ from wmgen.settings import (
     unknown_env_warning,
 )
 
-# key -> (TOML section, TOML key, Settings attribute, field); written out here, not taken
-# from wmgen, so that a mapping mistake there shows up as a failure.
-WHERE = {
-    "model": ("model", "model", "model", "name"),
-    "device": ("model", "device", "model", "device"),
-    "dtype": ("model", "dtype", "model", "dtype"),
-    "capacity": ("memory", "capacity", "memory", "capacity"),
-    "keep": ("memory", "keep", "memory", "keep"),
-    "evict": ("memory", "evict", "memory", "evict"),
-    "temperature": ("sampling", "temperature", "sampling", "temperature"),
-    "top_k": ("sampling", "top_k", "sampling", "top_k"),
-    "top_p": ("sampling", "top_p", "sampling", "top_p"),
-    "repetition_penalty": ("sampling", "repetition_penalty", "sampling", "repetition_penalty"),
-    "seed": ("sampling", "seed", "sampling", "seed"),
-    "max_new_tokens": ("run", "max_new_tokens", "run", "max_new_tokens"),
-    "stop": ("run", "stop", "run", "stop"),
-    "ignore_eos": ("run", "ignore_eos", "run", "ignore_eos"),
-}
 STRING_KEYS = ("model", "device", "dtype", "keep", "stop", "seed", "capacity", "evict")
 FLOAT_KEYS = ("temperature", "top_p", "repetition_penalty")
 INT_KEYS = ("capacity", "keep", "evict", "top_k", "seed", "max_new_tokens")
