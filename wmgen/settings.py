@@ -14,7 +14,6 @@ from __future__ import annotations
 import codecs
 import difflib
 import math
-import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
