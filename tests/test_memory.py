@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 from wmgen.errors import UsageError
 from wmgen.gpt2 import GPT2, GPT2Config
 from wmgen.memory import CONTINUED, GENERATED, PROMPT, WorkingMemory
-from wmgen.window import resolve_shape
-from wmgen.settings import MemorySettings
+from wmgen.window import shape
 
 VOCAB, N_POSITIONS = 50, 32
 SHAPE = dict(vocab_size=VOCAB, n_positions=N_POSITIONS, n_embd=16, n_layer=1, n_head=2)
@@ -226,27 +225,27 @@ def test_evict_zero_is_a_usage_error():
         WorkingMemory(MODEL, 8, keep=0, evict=0)
 
 
-def test_resolve_shape_pins_the_whole_prompt_with_keep_prompt():
-    capacity, keep, evict = resolve_shape(MemorySettings(capacity=16, keep="prompt"), N_POSITIONS, prompt_tokens=5)
+def test_shape_pins_the_whole_prompt_with_keep_prompt():
+    capacity, keep, evict = shape(16, "prompt", None, N_POSITIONS, prompt_tokens=5)
     assert (capacity, keep) == (16, 5)
     assert 1 <= evict <= capacity - keep
 
 
-def test_resolve_shape_defaults_capacity_to_the_model_limit():
-    capacity, keep, evict = resolve_shape(MemorySettings(), N_POSITIONS, prompt_tokens=3)
+def test_shape_defaults_capacity_to_the_model_limit():
+    capacity, keep, evict = shape(None, 0, None, N_POSITIONS, prompt_tokens=3)
     assert (capacity, keep) == (N_POSITIONS, 0)
     assert 1 <= evict <= capacity
 
 
-def test_resolve_shape_keeps_explicit_values():
-    assert resolve_shape(MemorySettings(capacity=20, keep=4, evict=7), N_POSITIONS, prompt_tokens=9) == (20, 4, 7)
+def test_shape_keeps_explicit_values():
+    assert shape(20, 4, 7, N_POSITIONS, prompt_tokens=9) == (20, 4, 7)
 
 
 def test_keep_prompt_with_a_prompt_as_long_as_capacity_is_a_usage_error():
     with pytest.raises(UsageError, match="keep"):
-        resolve_shape(MemorySettings(capacity=16, keep="prompt"), N_POSITIONS, prompt_tokens=16)
+        shape(16, "prompt", None, N_POSITIONS, prompt_tokens=16)
 
 
-def test_resolve_shape_rejects_capacity_above_the_model_limit():
+def test_shape_rejects_capacity_above_the_model_limit():
     with pytest.raises(UsageError, match="capacity"):
-        resolve_shape(MemorySettings(capacity=N_POSITIONS + 1), N_POSITIONS, prompt_tokens=1)
+        shape(N_POSITIONS + 1, 0, None, N_POSITIONS, prompt_tokens=1)

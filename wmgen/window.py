@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from wmgen.errors import UsageError
-from wmgen.settings import MemorySettings
 
 
 def default_evict(capacity: int, keep: int) -> int:
@@ -15,11 +14,6 @@ def default_evict(capacity: int, keep: int) -> int:
     capacity 1024 the recompute then costs ~10% of decode time, and every token
     still sees at least 3/4 of the window."""
     return max(1, (capacity - keep) // 4)
-
-
-def resolve_shape(s: MemorySettings, limit: int, prompt_tokens: int) -> tuple[int, int, int]:
-    """`(capacity, keep, evict)` from settings, checked against the model's limit."""
-    return shape(s.capacity, s.keep, s.evict, limit, prompt_tokens)
 
 
 def shape(capacity: int | None, keep: int | str, evict: int | None, limit: int, prompt_tokens: int = 0) -> tuple[int, int, int]:
