@@ -18,8 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from conftest import SAMPLE_TEXT
+from conftest import SAMPLE_TEXT, ok
+from wmgen.cli import app
 
 TIMEOUT = 60
 BOX = re.compile(r"[─━│┃┌┏┐┓└┗┘┛├┝┠┣┤┥┨┫┬┳┴┻┼╋═║╔╗╚╝╭╮╯╰]")
@@ -500,3 +502,10 @@ def test_sessions_in_a_pipe_is_one_tab_separated_line_per_session_with_the_full_
 def test_a_model_that_cannot_be_found_exits_1():
     line = one_line(wmgen("generate", "-n", "2", "hi", model=Path("/nonexistent")), 1)
     assert "/nonexistent" in line, line
+
+
+def test_the_largest_seed_works_with_num_samples(tiny_dir):
+    """Sample i uses seed S + i, which wraps at 2**63 instead of leaving the accepted range."""
+    largest = str(2**63 - 1)
+    out = ok(CliRunner().invoke(app, ["generate", "-m", str(tiny_dir), "--seed", largest, "--num-samples", "2", "-n", "2", "--format", "json", "hi"]))
+    assert [r["seed"] for r in json.loads(out)] == [2**63 - 1, 0]

@@ -552,7 +552,7 @@ def run_many(settings, prompts, out: Output, *, from_scratch: bool, batch_size: 
 
     lm = open_model(settings, out.quiet, out.color)
     base = settings.sampling.seed if settings.sampling.seed is not None else secrets.randbits(62)
-    seeds = [base + (sample or 0) for _, sample, _ in prompts]  # each line as if run alone with --seed
+    seeds = [(base + (sample or 0)) % 2**63 for _, sample, _ in prompts]  # each line as if run alone with --seed
     records, total = [], 0
     t0 = perf_counter()
     with Signals() as signals:
