@@ -6,6 +6,8 @@ otherwise a byte-level BPE trained here (tests that need the real one skip).
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -48,6 +50,34 @@ WHERE = {
     "stop": ("run", "stop", "run", "stop"),
     "ignore_eos": ("run", "ignore_eos", "run", "ignore_eos"),
 }
+
+
+def toml_value(value) -> str:
+    """A value as TOML, written by hand (NaN and infinities are TOML floats too)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def toml_for(key: str, value) -> str:
+    section, name, _, _ = WHERE[key]
+    return f"[{section}]\n{name} = {toml_value(value)}\n"
+
+
+def env_text(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 def write_tokenizer(folder: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WHERE
+from conftest import WHERE, env_text, toml_for, toml_value
 from wmgen.errors import UsageError
 from wmgen.settings import MemorySettings, ModelSettings, RunSettings, Sampling, Settings, load_settings
 
@@ -46,27 +46,6 @@ DEFAULTS = Settings()
 
 
 # --- helpers -------------------------------------------------------------------
-
-
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
-def toml_for(key: str, value) -> str:
-    section, name, _, _ = WHERE[key]
-    return f"[{section}]\n{name} = {toml_value(value)}\n"
-
-
-def env_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def get(settings: Settings, key: str):
@@ -116,7 +95,7 @@ def test_each_source_overrides_the_one_below_it(key, tmp_path, home, env):
     (home / "config.toml").write_text(toml_for(key, user_value), encoding="utf-8")
     assert get(load_settings(flags={}, env=env, config=str(config)), key) == expected(key, user_value), "user config"
 
-    env[f"WMGEN_{key.upper()}"] = env_value(env_val)
+    env[f"WMGEN_{key.upper()}"] = env_text(env_val)
     assert get(load_settings(flags={}, env=env, config=str(config)), key) == expected(key, env_val), "environment"
 
     assert get(load_settings(flags={key: flag_value}, env=env, config=str(config)), key) == expected(key, flag_value), "flag"

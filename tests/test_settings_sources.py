@@ -6,7 +6,6 @@ is not UTF-8 and `WMGEN_*` typos are caught."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from conftest import WHERE
+from conftest import WHERE, env_text, toml_for
 from wmgen.errors import UsageError
 from wmgen.settings import (
     DEVICES,
@@ -57,34 +56,6 @@ def file_label(path: Path, key: str) -> str:
 def get(s, key: str):
     _, _, attr, name = WHERE[key]
     return getattr(getattr(s, attr), name)
-
-
-def toml_value(value) -> str:
-    """A value as TOML, written by hand (NaN and infinities are TOML floats too)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(value)
-
-
-def toml_for(key: str, value) -> str:
-    section, name, _, _ = WHERE[key]
-    return f"[{section}]\n{name} = {toml_value(value)}\n"
-
-
-def env_text(value) -> str:
-    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 def is_utf8(text: str) -> bool:
