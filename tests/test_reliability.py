@@ -509,3 +509,9 @@ def test_the_largest_seed_works_with_num_samples(tiny_dir):
     largest = str(2**63 - 1)
     out = ok(CliRunner().invoke(app, ["generate", "-m", str(tiny_dir), "--seed", largest, "--num-samples", "2", "-n", "2", "--format", "json", "hi"]))
     assert [r["seed"] for r in json.loads(out)] == [2**63 - 1, 0]
+
+
+def test_an_empty_session_name_is_refused_not_taken_for_last(tiny_dir):
+    result = CliRunner().invoke(app, ["generate", "-m", str(tiny_dir), "-n", "2", "--session", "", "hi"])
+    assert result.exit_code == 2 and "session name" in result.stderr, result.stderr
+    assert not (Path(os.environ["WMGEN_HOME"]) / "sessions" / "last.json").exists()

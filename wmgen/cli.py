@@ -341,7 +341,7 @@ def generate(
         capacity=capacity, keep=keep, evict=evict, model=model, device=device, dtype=dtype,
     )  # fmt: skip
     state = state_dir(os.environ)
-    name = sessions.check_name(session or "last")
+    name = sessions.check_name("last" if session is None else session)
     if format_ not in FORMATS:
         raise UsageError(f"--format {format_!r} is not one of {', '.join(FORMATS)}")
     if continue_ and (each_line or num_samples > 1):
@@ -644,7 +644,7 @@ def inspect_memory(
     else:
         if any(v is not None for v in (capacity, keep, evict)):
             raise UsageError("--capacity, --keep and --evict shape a --prompt preview; a saved session keeps its own")
-        name = sessions.check_name(session or "last")
+        name = sessions.check_name("last" if session is None else session)
         snap = sessions.read(state_dir(os.environ), name)
         lm = None
         if attention:
