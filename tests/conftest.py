@@ -41,6 +41,8 @@ WHERE = {
     "capacity": ("memory", "capacity", "memory", "capacity"),
     "keep": ("memory", "keep", "memory", "keep"),
     "evict": ("memory", "evict", "memory", "evict"),
+    "policy": ("memory", "policy", "memory", "policy"),
+    "recent": ("memory", "recent", "memory", "recent"),
     "temperature": ("sampling", "temperature", "sampling", "temperature"),
     "top_k": ("sampling", "top_k", "sampling", "top_k"),
     "top_p": ("sampling", "top_p", "sampling", "top_p"),

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from conftest import ok
 from wmgen.cli import app
+from reference import Reference, reference_greedy
 
 PROMPT = "The lighthouse keeper"
 LONG_PROMPT = (
@@ -85,23 +86,15 @@ def hf_generate_greedy(hf_model, tok, prompt: str, n: int) -> str:
 
 
 def rolling_greedy(hf_model, prompt_ids: list[int], n: int, *, capacity: int, keep: int, evict: int) -> list[int]:
-    """Greedy tokens from a memory of `capacity` tokens whose first `keep` are pinned:
-    when a token arrives at a full memory, the oldest `evict` unpinned tokens go.
-    Each step's logits are a fresh transformers forward over the memory."""
+    """Greedy tokens from the reference memory, each step's logits a fresh
+    transformers forward over its window."""
     import torch
 
-    memory = list(prompt_ids)
-    assert len(memory) <= capacity
-    out = []
-    with torch.no_grad():
-        for _ in range(n):
-            logits = hf_model(torch.tensor([memory])).logits[0, -1]
-            token = int(logits.argmax())
-            out.append(token)
-            if len(memory) == capacity:
-                del memory[keep : keep + evict]
-            memory.append(token)
-    return out
+    def logits_of(window):
+        with torch.no_grad():
+            return hf_model(torch.tensor([window])).logits[0, -1]
+
+    return reference_greedy(Reference(capacity, keep, evict), logits_of, prompt_ids, n)
 
 
 def wmgen_process(*args: str, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ import torch
 from wmgen.generation import Finished, Started, Token, generate
 from wmgen.memory import WorkingMemory
 from wmgen.settings import RunSettings, Sampling
+from reference import reference_windows
 
 ATOL, RTOL = 1e-4, 1e-4
 PROMPT = "The lighthouse keeper climbed the stairs"
@@ -42,17 +43,8 @@ def hf_logits_after(hf_model, windows: list[list[int]]) -> torch.Tensor:
 
 
 def window_after(stream: list[int], capacity: int, keep: int, evict: int) -> list[int]:
-    """The tokens held after reading `stream` one token at a time, in closed form.
-
-    The rolling part holds up to R = capacity - keep tokens. Once it is full, each
-    arriving token first drops `evict` of them, so after r > R rolling tokens it holds
-    R - evict + 1 + (r - R - 1) mod evict: the most recent ones.
-    """
-    rolling, room = len(stream) - keep, capacity - keep
-    if rolling <= room:
-        return list(stream)
-    held = room - evict + 1 + (rolling - room - 1) % evict
-    return stream[:keep] + stream[len(stream) - held :]
+    """The tokens held after reading `stream` one token at a time (the reference model)."""
+    return reference_windows(stream, capacity, keep, evict)[-1]
 
 
 def random_ids(n: int, vocab: int, seed: int) -> list[int]:

@@ -21,6 +21,7 @@ from conftest import SAMPLE_TEXT, ok, one_line_error
 from wmgen.cli import app
 from wmgen.gpt2 import Int8Linear, int8_available, quantize_rows
 from wmgen.memory import WorkingMemory
+from reference import reference_windows
 
 if not int8_available():
     pytest.skip("this torch has no fbgemm int8 kernels (x86 CPUs only), so --dtype int8 cannot run here", allow_module_level=True)
@@ -58,17 +59,6 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """KL(p || q) in nats, per row."""
     p, q = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
     return (p.exp() * (p - q)).sum(-1)
-
-
-def windows_read_one_at_a_time(stream: list[int], capacity: int, keep: int, evict: int) -> list[list[int]]:
-    """The eviction rule on a plain list: the window after each token of `stream`."""
-    held, out = [], []
-    for token in stream:
-        if len(held) == capacity:
-            del held[keep : keep + evict]
-        held.append(token)
-        out.append(list(held))
-    return out
 
 
 # --- quantize_rows and Int8Linear ----------------------------------------------------
@@ -161,7 +151,7 @@ def test_int8_recompute_after_an_eviction_is_a_fresh_int8_pass_over_the_window(i
     capacity = 16
     vocab = int8_model.config.vocab_size
     prompt, tokens = random_ids(7, vocab, seed=3), random_ids(45, vocab, seed=4)
-    windows = windows_read_one_at_a_time(prompt + tokens, capacity, 0, evict)[len(prompt) :]
+    windows = reference_windows(prompt + tokens, capacity, 0, evict)[len(prompt) :]
     memory = WorkingMemory(int8_model, capacity, keep=0, evict=evict)
     logits, _ = memory.read(prompt)
     torch.testing.assert_close(logits, fresh_last_logits(int8_model, prompt), atol=1e-4, rtol=1e-4)
@@ -184,7 +174,7 @@ def test_int8_steps_between_evictions_stay_within_quantization_noise_of_a_fresh_
     capacity = 16
     vocab = int8_model.config.vocab_size
     prompt, tokens = random_ids(7, vocab, seed=5), random_ids(45, vocab, seed=6)
-    windows = windows_read_one_at_a_time(prompt + tokens, capacity, keep, evict)[len(prompt) :]
+    windows = reference_windows(prompt + tokens, capacity, keep, evict)[len(prompt) :]
     memory = WorkingMemory(int8_model, capacity, keep=keep, evict=evict)
     memory.read(prompt)
     steps = torch.stack([memory.append(token) for token in tokens])

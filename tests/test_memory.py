@@ -1,9 +1,10 @@
-"""WorkingMemory invariants for every capacity/keep/evict, checked against a plain
-list-based model of the eviction rule, on a GPT-2 small enough to build in memory."""
+"""WorkingMemory invariants for every shape and policy, checked against the plain-list
+reference model of the rules (`tests/reference.py`) and, for attention scores,
+against transformers' eager attention, on a GPT-2 small enough to build in memory."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
 
 import pytest
 import torch
@@ -14,9 +15,10 @@ from wmgen.errors import UsageError
 from wmgen.gpt2 import GPT2, GPT2Config
 from wmgen.memory import CONTINUED, GENERATED, PROMPT, WorkingMemory
 from wmgen.window import shape
+from reference import Entry, Reference
 
 VOCAB, N_POSITIONS = 50, 32
-SHAPE = dict(vocab_size=VOCAB, n_positions=N_POSITIONS, n_embd=16, n_layer=1, n_head=2)
+SHAPE = dict(vocab_size=VOCAB, n_positions=N_POSITIONS, n_embd=16, n_layer=2, n_head=2)
 
 
 def build_tiny():
@@ -26,10 +28,12 @@ def build_tiny():
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(HFConfig(**SHAPE)).eval()
     weights = {name: t.detach().clone() for name, t in hf.state_dict().items()}
-    return GPT2(GPT2Config(**SHAPE), weights), hf
+    eager = GPT2LMHeadModel(HFConfig(**SHAPE, attn_implementation="eager")).eval()
+    eager.load_state_dict(hf.state_dict())
+    return GPT2(GPT2Config(**SHAPE), weights), hf, eager
 
 
-MODEL, HF = build_tiny()
+MODEL, HF, EAGER = build_tiny()
 
 
 def reference_logits(windows: list[list[int]]) -> torch.Tensor:
@@ -42,56 +46,53 @@ def reference_logits(windows: list[list[int]]) -> torch.Tensor:
     return logits[torch.arange(len(windows)), torch.tensor([len(w) - 1 for w in windows])]
 
 
-@dataclass
-class Simulation:
-    """The eviction rule on plain lists: each entry is (token, origin, logprob)."""
+class Words:
+    """A stand-in tokenizer for the tiny vocabulary: a few tokens end sentences or
+    lines, the rest are words."""
 
-    capacity: int
-    keep: int
-    evict: int
-    held: list = field(default_factory=list)
-    stream: list = field(default_factory=list)  # every token ever offered, in order
-    seen: int = 0
-    evicted: int = 0
-    evictions: int = 0
+    ENDS = {0: ".", 1: "\n", 2: '!"', 3: "?)", 4: "。", 5: '"', 6: " end.\n", 7: "!", 8: "x.y"}
 
-    def push(self, entry) -> list[int]:
-        """Read one token as `append` does; the window the model then sees."""
-        self.stream.append(entry[0])
-        if len(self.held) == self.capacity:
-            del self.held[self.keep : self.keep + self.evict]
-            self.evictions += 1
-            self.evicted += self.evict
-        self.held.append(entry)
-        self.seen += 1
-        return self.tokens
+    def token_text(self, t: int) -> str:
+        return self.ENDS.get(t, f" w{t}")
 
-    def read(self, entries) -> int:
-        """Read a prompt as one block: what does not fit goes, oldest unpinned first
-        (held tokens before prompt tokens); returns how many prompt tokens went unread."""
-        self.stream += [e[0] for e in entries]
-        combined = self.held + list(entries)
-        overflow = max(0, len(combined) - self.capacity)
-        from_memory = min(overflow, max(0, len(self.held) - self.keep))
-        del combined[self.keep : self.keep + overflow]
-        self.held = combined
-        if from_memory:
-            self.evictions += 1
-            self.evicted += from_memory
-        unread = overflow - from_memory
-        self.seen += len(entries) - unread
-        return unread
-
-    @property
-    def tokens(self) -> list[int]:
-        return [e[0] for e in self.held]
+    def token_bytes(self, t: int) -> bytes:
+        return self.token_text(t).encode()
 
 
-shapes = st.integers(2, N_POSITIONS).flatmap(
-    lambda capacity: st.integers(0, capacity - 1).flatmap(
-        lambda keep: st.tuples(st.just(capacity), st.just(keep), st.integers(1, capacity - keep))
+WORDS = Words()
+
+
+def eager_attend(tokens: list[int], new: int) -> list[float]:
+    """Attention the last `new` tokens' queries give each earlier slot, from
+    transformers' eager attention: per query the mean over layers and heads,
+    summed over the queries."""
+    with torch.no_grad():
+        attentions = EAGER(torch.tensor([tokens]), output_attentions=True).attentions
+    mean = torch.stack(attentions)[:, 0].double().mean(dim=(0, 1))  # [T, T]: query, slot
+    T = len(tokens)
+    return [float(mean[T - new :, j][torch.arange(T - new, T) > j].sum()) for j in range(T)]
+
+
+def reference_for(memory: WorkingMemory) -> Reference:
+    return Reference(memory.capacity, memory.keep, memory.evict, memory.shape.policy, memory.recent,
+                     token_text=WORDS.token_text, attend=eager_attend)  # fmt: skip
+
+
+def shapes_for(policies: tuple[str, ...]):
+    def recent_for(capacity, keep, evict):
+        return st.one_of(st.none(), st.integers(0, capacity - keep - evict))
+
+    return st.integers(2, N_POSITIONS).flatmap(
+        lambda capacity: st.integers(0, capacity - 1).flatmap(
+            lambda keep: st.integers(1, capacity - keep).flatmap(
+                lambda evict: st.tuples(st.just(capacity), st.just(keep), st.just(evict), st.sampled_from(policies),
+                                        recent_for(capacity, keep, evict))  # fmt: skip
+            )
+        )
     )
-)
+
+
+shapes = shapes_for(("oldest", "boundary", "attention"))
 token_ids = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=40)
 origins = st.sampled_from([PROMPT, GENERATED, CONTINUED])
 operations = st.lists(
@@ -106,38 +107,44 @@ operations = st.lists(
 )
 
 
-def check_against(memory: WorkingMemory, sim: Simulation) -> None:
+
+
+def check_against(memory: WorkingMemory, ref: Reference) -> None:
     assert memory.fill <= memory.capacity
-    assert len(memory.tokens) == len(memory.origins) == len(memory.logprobs) == memory.fill
-    assert list(zip(memory.tokens, memory.origins, memory.logprobs)) == sim.held, "columns out of step"
-    head = min(sim.keep, len(sim.stream))
-    assert memory.tokens[:head] == sim.stream[:head], "a pinned token was evicted"
+    held = [(e.token, e.origin, e.logprob) for e in ref.held]
+    assert [(s.token, s.origin, s.logprob) for s in memory.slots] == held, "the slots differ from the rule's"
+    head = min(ref.keep, len(ref.stream))
+    assert memory.tokens[:head] == ref.stream[:head], "a pinned token was evicted"
     c = memory.counters
-    assert c.seen == sim.seen
-    assert c.evicted == sim.evicted
-    assert c.evictions == sim.evictions
+    assert (c.seen, c.evicted, c.evictions) == (ref.seen, ref.evicted, ref.evictions)
     assert c.evicted == c.seen - memory.fill
+    if memory.policy.scores:
+        assert [s.queries for s in memory.slots] == [e.queries for e in ref.held]
+        ours = [s.score for s in memory.slots]
+        theirs = [e.score for e in ref.held]
+        assert [math.isinf(x) for x in ours] == [math.isinf(x) for x in theirs]
+        assert [x for x in ours if not math.isinf(x)] == pytest.approx([x for x in theirs if not math.isinf(x)], abs=1e-5)
 
 
-def run_operations(memory: WorkingMemory, sim: Simulation, ops, *, check_logits: bool) -> None:
+def run_operations(memory: WorkingMemory, ref: Reference, ops, *, check_logits: bool) -> None:
     stamp = iter(range(1, 10**6))  # a distinct logprob per token shows where each one went
     for kind, arg, origin, flag in ops:
         if kind == "append":
             lp = float(next(stamp))
             logits = memory.append(arg, origin=origin, logprob=lp, compute=flag)
-            window = sim.push((arg, origin, lp))
+            window = ref.push(Entry(arg, origin, lp), compute=flag)
             expected = [window] if flag else None
         elif kind in ("feed", "feed-lazy"):
             lps = [float(next(stamp)) for _ in arg]
             compute = kind == "feed"
             logits = memory.feed(arg, origin=origin, logprobs=lps, all_logits=flag, compute=compute)
-            windows = [sim.push(entry) for entry in zip(arg, [origin] * len(arg), lps)]
+            windows = [ref.push(Entry(t, origin, lp), compute=compute) for t, lp in zip(arg, lps)]
             expected = None if not compute else windows if flag else windows[-1:]
         else:
             logits, unread = memory.read(arg, origin=origin)
-            assert unread == sim.read([(t, origin, None) for t in arg])
-            expected = [sim.tokens]
-        check_against(memory, sim)
+            assert unread == ref.read([Entry(t, origin) for t in arg])
+            expected = [ref.tokens]
+        check_against(memory, ref)
         if expected is None:
             assert logits is None
         elif check_logits:
@@ -145,27 +152,30 @@ def run_operations(memory: WorkingMemory, sim: Simulation, ops, *, check_logits:
             torch.testing.assert_close(logits, reference_logits(expected), atol=1e-4, rtol=1e-4)
 
 
+def new_memory(shape) -> WorkingMemory:
+    capacity, keep, evict, policy, recent = shape
+    return WorkingMemory(MODEL, capacity, keep=keep, evict=evict, policy=policy, recent=recent, tokenizer=WORDS)
+
+
+@settings(max_examples=90, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=shapes, ops=operations)
+def test_memory_follows_its_policy_for_every_shape(shape, ops):
+    memory = new_memory(shape)
+    run_operations(memory, reference_for(memory), ops, check_logits=False)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=shapes, ops=operations)
-def test_memory_follows_the_eviction_rule_for_every_shape(shape, ops):
-    capacity, keep, evict = shape
-    memory = WorkingMemory(MODEL, capacity, keep=keep, evict=evict)
-    run_operations(memory, Simulation(capacity, keep, evict), ops, check_logits=False)
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(shape=shapes, ops=operations)
-def test_memory_logits_equal_a_fresh_forward_over_the_simulated_window(shape, ops):
-    capacity, keep, evict = shape
-    memory = WorkingMemory(MODEL, capacity, keep=keep, evict=evict)
-    run_operations(memory, Simulation(capacity, keep, evict), ops, check_logits=True)
+def test_memory_logits_equal_a_fresh_forward_over_the_reference_window(shape, ops):
+    memory = new_memory(shape)
+    run_operations(memory, reference_for(memory), ops, check_logits=True)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=shapes, tokens=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=120))
 def test_pinned_tokens_survive_eviction(shape, tokens):
-    capacity, keep, evict = shape
-    memory = WorkingMemory(MODEL, capacity, keep=keep, evict=evict)
+    capacity, keep, evict, _, _ = shape
+    memory = new_memory(shape)
     for i, token in enumerate(tokens):
         memory.append(token, compute=False)
         assert memory.fill <= capacity
@@ -226,19 +236,38 @@ def test_evict_zero_is_a_usage_error():
 
 
 def test_shape_pins_the_whole_prompt_with_keep_prompt():
-    capacity, keep, evict = shape(16, "prompt", None, N_POSITIONS, prompt_tokens=5)
+    capacity, keep, evict, _, _ = shape(16, "prompt", None, N_POSITIONS, prompt_tokens=5)
     assert (capacity, keep) == (16, 5)
     assert 1 <= evict <= capacity - keep
 
 
 def test_shape_defaults_capacity_to_the_model_limit():
-    capacity, keep, evict = shape(None, 0, None, N_POSITIONS, prompt_tokens=3)
+    capacity, keep, evict, _, _ = shape(None, 0, None, N_POSITIONS, prompt_tokens=3)
     assert (capacity, keep) == (N_POSITIONS, 0)
     assert 1 <= evict <= capacity
 
 
 def test_shape_keeps_explicit_values():
-    assert shape(20, 4, 7, N_POSITIONS, prompt_tokens=9) == (20, 4, 7)
+    assert shape(20, 4, 7, N_POSITIONS, prompt_tokens=9) == (20, 4, 7, "oldest", None)
+    assert shape(20, 4, 7, N_POSITIONS, policy="attention", recent=3) == (20, 4, 7, "attention", 3)
+
+
+def test_recent_defaults_to_half_the_rolling_part_or_what_evict_leaves():
+    assert shape(20, 4, 4, N_POSITIONS, policy="attention").recent == 8
+    assert shape(20, 4, 12, N_POSITIONS, policy="attention").recent == 4
+    assert shape(20, 4, 7, N_POSITIONS, policy="oldest", recent=3).recent is None, "recent is the attention policy's"
+
+
+@pytest.mark.parametrize("recent", [10, 100])
+def test_recent_and_evict_that_do_not_fit_are_a_usage_error_saying_what_fits(recent):
+    with pytest.raises(UsageError, match="recent can be at most 9") as caught:
+        shape(20, 4, 7, N_POSITIONS, policy="attention", recent=recent)
+    assert caught.value.key == "recent"
+
+
+def test_an_unknown_policy_is_a_usage_error_naming_the_policies():
+    with pytest.raises(UsageError, match="oldest, boundary, attention"):
+        WorkingMemory(MODEL, 8, policy="newest")
 
 
 def test_keep_prompt_with_a_prompt_as_long_as_capacity_is_a_usage_error():

@@ -183,7 +183,7 @@ def test_sweep_prints_one_row_per_valid_shape(tiny_dir, text_file):
     assert [(row["capacity"], row["evict"]) for row in rows] == [(16, 1), (16, 8), (32, 1), (32, 8)]
     table = runner.invoke(app, ["perplexity", str(text_file), "-m", str(tiny_dir), "--sweep", "capacity=16,32"])
     assert table.exit_code == 0
-    assert len([line for line in table.stdout.splitlines() if line.startswith("| 16") or line.startswith("| 32")]) == 2
+    assert len([line for line in table.stdout.splitlines() if line.startswith(("| oldest | 16 |", "| oldest | 32 |"))]) == 2
 
 
 def test_sweep_plot_writes_a_png(tiny_dir, text_file, tmp_path):

@@ -139,7 +139,7 @@ def test_jsonl_start_event_names_model_settings_prompt_tokens_and_seed(jsonl_and
     assert start["model"] == str(tiny_dir.resolve())
     assert start["prompt_tokens"] == len(encode(tok, PROMPT))
     assert start["seed"] == 5
-    assert start["settings"]["memory"] == {"capacity": 16, "keep": 0, "evict": 4}
+    assert start["settings"]["memory"] == {"capacity": 16, "keep": 0, "evict": 4, "policy": "oldest", "recent": None}
     assert start["settings"]["run"]["max_new_tokens"] == 40
     assert start["settings"]["sampling"]["seed"] == 5
 
@@ -170,8 +170,9 @@ def test_jsonl_eviction_events_come_just_before_the_token_that_caused_them(jsonl
     assert evictions, "the run should have evicted (capacity 16, 40 new tokens)"
     for i in evictions:
         e, after = events[i], events[i + 1]
-        assert set(e) == {"type", "evicted", "recomputed", "fill"}, e
+        assert set(e) == {"type", "evicted", "recomputed", "fill", "positions"}, e
         assert e["evicted"] == 4 and e["recomputed"] == 16 - 4, e  # keep 0: all that stays is recomputed
+        assert e["positions"] == [0, 1, 2, 3], "the oldest policy drops the first four slots"
         assert after["type"] == "token" and after.get("evicted") == e["evicted"], (e, after)
     assert sum(1 for e in events if e["type"] == "token" and e.get("evicted")) == len(evictions)
 

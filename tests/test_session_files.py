@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from wmgen import session as sessions
 from wmgen.errors import SessionError
-from wmgen.window import describe
+from wmgen.policies import Slot
+from wmgen.window import Shape, describe
 
 TOKENIZER = "a" * 16
 OTHER_TOKENIZER = "b" * 16
@@ -34,7 +35,7 @@ LOGPROBS = [None, None, None, -1.25, -0.5, -math.inf]
 def a_snapshot(tokenizer: str = TOKENIZER, text: str = "The lighthouse keeper") -> dict:
     """What `WorkingMemory.snapshot` gives for a 6-token memory, with what the CLI adds."""
     return describe(
-        TOKENS, ORIGINS, LOGPROBS, capacity=CAPACITY, keep=KEEP, evict=EVICT,
+        [Slot(*slot) for slot in zip(TOKENS, ORIGINS, LOGPROBS)], Shape(CAPACITY, KEEP, EVICT),
         counters={"evictions": 1, "evicted": 4, "recomputed": 6, "seen": 10},
         kv_bytes_per_token=4096, token_text=lambda t: f"<{t}>",
         model="/models/tiny", tokenizer=tokenizer, sampling={"temperature": 0.7, "top_k": 0, "seed": 7}, text=text,
@@ -98,9 +99,9 @@ near_misses = st.sampled_from(
 values = st.one_of(near_misses, json_values)
 
 TOP = ["schema_version", "name", "saved_at", "created_at", "capacity", "keep", "evict", "fill", "kv_bytes",
-       "kv_bytes_per_token", "counters", "model", "tokenizer", "sampling", "text", "slots", "policy"]  # fmt: skip
+       "kv_bytes_per_token", "counters", "model", "tokenizer", "sampling", "text", "slots", "policy", "recent"]  # fmt: skip
 COUNTER_KEYS = ["evictions", "evicted", "recomputed", "seen"]
-SLOT_KEYS = ["slot", "position", "token", "origin", "logprob", "pinned", "text", "score"]
+SLOT_KEYS = ["slot", "position", "token", "origin", "logprob", "pinned", "text", "score", "queries"]
 fields = st.one_of(
     st.sampled_from([(k,) for k in TOP]),
     st.sampled_from([("counters", k) for k in COUNTER_KEYS]),
@@ -116,7 +117,7 @@ def valid_slot(i: int, key: str, v) -> bool:
     """Whether slot `i` of the base snapshot is still valid with `key` set to `v`
     (an expectation written apart from the validator, from the schema's prose)."""
     if v is MISSING:
-        return key in ("text", "score")
+        return key in ("text", "score", "queries")
     return {
         "slot": lambda: is_int(v) and v == i,
         "position": lambda: is_int(v) and 0 <= v < CAPACITY,
@@ -126,12 +127,13 @@ def valid_slot(i: int, key: str, v) -> bool:
         "pinned": lambda: type(v) is bool,
         "text": lambda: isinstance(v, str),
         "score": lambda: v is None or (type(v) in (int, float) and not math.isnan(v)),
+        "queries": lambda: is_int(v) and v >= 0,
     }[key]()
 
 
 def valid_top(key: str, v, base: dict) -> bool:
     if v is MISSING:
-        return key in ("name", "saved_at", "created_at", "sampling", "text", "policy")
+        return key in ("name", "saved_at", "created_at", "sampling", "text", "policy", "recent")
     cap, keep, evict, fill = (base[k] for k in ("capacity", "keep", "evict", "fill"))
     return {
         "schema_version": lambda: is_int(v) and v == 1,
@@ -146,6 +148,7 @@ def valid_top(key: str, v, base: dict) -> bool:
         "slots": lambda: isinstance(v, list) and len(v) == fill
         and all(isinstance(s, dict) and all(valid_slot(i, k, s.get(k, MISSING)) for k in SLOT_KEYS) for i, s in enumerate(v)),
         "sampling": lambda: v is None or isinstance(v, dict),
+        "recent": lambda: is_int(v) and v >= 0,
     }.get(key, lambda: isinstance(v, str))()
 
 

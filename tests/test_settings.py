@@ -32,6 +32,8 @@ LAYER_VALUES = {
     "capacity": (512, 256, 128, 64),
     "keep": (1, 2, 3, "prompt"),
     "evict": (10, 20, 30, 40),
+    "policy": ("boundary", "attention", "oldest", "attention"),
+    "recent": (5, 6, 7, 8),
     "temperature": (0.1, 0.2, 0.3, 0.4),
     "top_k": (5, 6, 7, 8),
     "top_p": (0.5, 0.6, 0.7, 0.8),

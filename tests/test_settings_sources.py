@@ -27,13 +27,14 @@ from wmgen.settings import (
     unknown_env_warning,
 )
 
-STRING_KEYS = ("model", "device", "dtype", "keep", "stop", "seed", "capacity", "evict")
+STRING_KEYS = ("model", "device", "dtype", "keep", "stop", "seed", "capacity", "evict", "policy", "recent")
 FLOAT_KEYS = ("temperature", "top_p", "repetition_penalty")
-INT_KEYS = ("capacity", "keep", "evict", "top_k", "seed", "max_new_tokens")
+INT_KEYS = ("capacity", "keep", "evict", "recent", "top_k", "seed", "max_new_tokens")
 
 # a value each layer accepts for each key
 GOOD = {
     "model": "gpt2", "device": "cpu", "dtype": "float32", "capacity": 64, "keep": 4, "evict": 8,
+    "policy": "attention", "recent": 16,
     "temperature": 0.7, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1, "seed": 7,
     "max_new_tokens": 50, "stop": ("END",), "ignore_eos": True,
 }  # fmt: skip
@@ -78,6 +79,8 @@ def assert_in_accepted_range(key: str, value) -> None:
         "capacity": lambda v: v is None or count(v, 2),
         "keep": lambda v: v == "prompt" or count(v, 0),
         "evict": lambda v: v is None or count(v, 1),
+        "policy": lambda v: v in ("oldest", "boundary", "attention"),
+        "recent": lambda v: v is None or count(v, 0),
         "temperature": lambda v: type(v) is float and math.isfinite(v) and v >= 0,
         "top_k": lambda v: count(v, 0),
         "top_p": lambda v: type(v) is float and 0 < v <= 1,
@@ -235,7 +238,8 @@ def test_negative_zero_temperature_is_plain_greedy(empty_home):
 
 @pytest.mark.parametrize("key", list(WHERE))
 def test_a_bad_config_file_value_is_reported_though_a_flag_overrides_it(tmp_path, empty_home, key):
-    bad = {"model": "", "device": "tpu", "dtype": "int4", "capacity": 1, "keep": -1, "evict": 0, "temperature": -1.0,
+    bad = {"model": "", "device": "tpu", "dtype": "int4", "capacity": 1, "keep": -1, "evict": 0, "policy": "newest",
+           "recent": -1, "temperature": -1.0,
            "top_k": -1, "top_p": 1.5, "repetition_penalty": 0.0, "seed": "lucky", "max_new_tokens": -1, "stop": 3,
            "ignore_eos": "maybe"}[key]  # fmt: skip
     path = tmp_path / "bad-but-overridden.toml"

@@ -24,10 +24,11 @@ from wmgen.settings import Settings, blame, coerce, load_settings
 if TYPE_CHECKING:
     from wmgen.memory import WorkingMemory
     from wmgen.perplexity import Score
+    from wmgen.window import Shape
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
 RUN_KEYS = ("max_new_tokens", "stop", "ignore_eos")
-SHAPE_KEYS = ("capacity", "keep", "evict")
+SHAPE_KEYS = ("capacity", "keep", "evict", "policy", "recent")
 
 
 def load(model: str | None = None, *, device: str | None = None, dtype: str | None = None, config: str | None = None, **defaults) -> Model:
@@ -39,7 +40,7 @@ def load(model: str | None = None, *, device: str | None = None, dtype: str | No
     int8. `config` is a preset name or a TOML file, applied as `--config` applies
     it; `defaults` (any of `max_new_tokens`, `temperature`, `top_k`, `top_p`,
     `repetition_penalty`, `seed`, `stop`, `ignore_eos`, `capacity`, `keep`,
-    `evict`) override it. Left as None, a value comes from the preset (`default`
+    `evict`, `policy`, `recent`) override it. Left as None, a value comes from the preset (`default`
     when none is given), as on the command line. The library reads no `WMGEN_*`
     variables and no user config file.
 
@@ -110,34 +111,39 @@ class Model:
     # --- working memory -----------------------------------------------------------
 
     def shape(self, capacity: int | None = None, keep: int | str | None = None, evict: int | None = None, *,
-              prompt_tokens: int = 0) -> tuple[int, int, int]:  # fmt: skip
-        """`(capacity, keep, evict)` in tokens: the values given, else the settings',
-        with the defaults filled in and checked against the model (no weights read)."""
+              policy: str | None = None, recent: int | None = None, prompt_tokens: int = 0) -> Shape:  # fmt: skip
+        """A memory's `Shape` (`capacity`, `keep`, `evict`, `policy`, `recent`): the
+        values given, else the settings', with the defaults filled in and checked
+        against the model (no weights read)."""
         from wmgen.window import shape
 
-        given, values = self._shape_values(capacity, keep, evict)
+        given, (capacity, keep, evict, policy, recent) = self._shape_values(capacity, keep, evict, policy, recent)
         with self._blame(given):
-            return shape(*values, self.n_positions, prompt_tokens)
+            return shape(capacity, keep, evict, self.n_positions, prompt_tokens, policy, recent)
 
-    def memory(self, capacity: int | None = None, keep: int | str | None = None, evict: int | None = None) -> WorkingMemory:
+    def memory(self, capacity: int | None = None, keep: int | str | None = None, evict: int | None = None, *,
+               policy: str | None = None, recent: int | None = None) -> WorkingMemory:  # fmt: skip
         """A new, empty working memory of `capacity` tokens (default: the settings',
         else the model's limit), the first `keep` pinned (a count, or "prompt": the
         first tokens read), `evict` tokens dropped at a time when full (default: a
-        quarter of capacity - keep). Its keys and values are allocated now, once."""
+        quarter of capacity - keep), chosen by `policy` (oldest, boundary or
+        attention; `recent`: the attention policy's untouchable recent tokens,
+        default half of capacity - keep). Its keys and values are allocated now, once."""
         from wmgen.memory import WorkingMemory
 
-        given, values = self._shape_values(capacity, keep, evict)
+        given, values = self._shape_values(capacity, keep, evict, policy, recent)
         with self._blame(given):
-            self.shape(*values)  # checked before the weights are read
-            return WorkingMemory(self.network, *values, tokenizer=self.tokenizer, model_id=self.name)
+            self.shape(*values[:3], policy=values[3], recent=values[4])  # checked before the weights are read
+            return WorkingMemory(self.network, *values[:3], policy=values[3], recent=values[4], tokenizer=self.tokenizer, model_id=self.name)
 
     def restore(self, snapshot: dict, *, capacity: int | None = None, keep: int | None = None, evict: int | None = None,
-                source: str = "the snapshot") -> WorkingMemory:  # fmt: skip
+                policy: str | None = None, recent: int | None = None, source: str = "the snapshot") -> WorkingMemory:  # fmt: skip
         """A memory holding a snapshot's tokens (their keys and values are computed
-        by the next pass, with its own tokens). It keeps the snapshot's shape unless
-        `capacity`, `keep` or `evict` is given; when capacity or keep change and
-        evict is not given, evict takes its default. Tokens that no longer fit are
-        dropped like a prompt's: the pinned head and the most recent ones stay."""
+        by the next pass, with its own tokens). It keeps the snapshot's shape and
+        policy (with the slots' scores) unless `capacity`, `keep`, `evict`,
+        `policy` or `recent` is given; when capacity or keep change and evict is not
+        given, evict takes its default (and so does recent). Tokens that no longer
+        fit are dropped as the policy drops a prompt's."""
         from wmgen.memory import WorkingMemory
 
         self.check_tokenizer(snapshot, source)
@@ -151,18 +157,22 @@ class Model:
             raise UsageError("keep 'prompt' pins a new memory's first tokens; a continued memory keeps a count (give a number)", key="keep")
         from wmgen.window import shape
 
-        asked = {"capacity": capacity, "keep": keep, "evict": evict}
+        asked = {"capacity": capacity, "keep": keep, "evict": evict, "policy": policy, "recent": recent}
         cap = snapshot["capacity"] if capacity is None else capacity
         kept = snapshot["keep"] if keep is None else keep
-        if evict is None and (cap, kept) == (snapshot["capacity"], snapshot["keep"]):
-            evict = snapshot["evict"]
+        same = (cap, kept) == (snapshot["capacity"], snapshot["keep"])
+        evict = snapshot["evict"] if evict is None and same else evict
+        policy = snapshot.get("policy", "oldest") if policy is None else policy
+        if recent is None and same and evict == snapshot["evict"]:
+            recent = snapshot.get("recent")
         try:
-            cap, kept, evict = shape(cap, kept, evict, self.n_positions)
+            s = shape(cap, kept, evict, self.n_positions, policy=policy, recent=recent)
         except UsageError as e:
             if asked.get(e.key) is not None:
                 raise  # the caller's value
             raise UsageError(f"{source}: {e}") from None
-        memory = WorkingMemory(self.network, cap, kept, evict, tokenizer=self.tokenizer, model_id=self.name)
+        memory = WorkingMemory(self.network, s.capacity, s.keep, s.evict, policy=s.policy, recent=s.recent,
+                               tokenizer=self.tokenizer, model_id=self.name)  # fmt: skip
         memory.restore(snapshot)
         memory.sampling = snapshot.get("sampling")
         return memory
@@ -199,12 +209,12 @@ class Model:
         if memory is None:
             given, values = self._shape_values(*shape)
             with self._blame(given):
-                shape_ = self.shape(*values, prompt_tokens=len(ids))  # checked before the weights are read
-            memory = self.memory(*shape_)
+                self._shape_for(values, len(ids))  # checked before the weights are read
+                memory = self.memory(*values[:3], policy=values[3], recent=values[4])
         else:
             self._own(memory)
             if any(v is not None for v in shape):
-                raise UsageError("capacity, keep and evict shape a new memory; this one has its own (make another with Model.memory)")
+                raise UsageError("capacity, keep, evict, policy and recent shape a new memory; this one has its own (make another with Model.memory)")
         origin = CONTINUED if memory.tokens else PROMPT
         events = generate(memory, self.tokenizer, ids, run_settings.run, run_settings.sampling, eos_id=self.eos_id,
                           origin=origin, should_stop=should_stop or (lambda: False))  # fmt: skip
@@ -246,20 +256,20 @@ class Model:
 
         if batch_size < 1:
             raise UsageError(f"batch_size {batch_size} must be at least 1", key="batch_size")
-        run_settings, (capacity, keep, evict) = self._run(options)
+        run_settings, shape = self._run(options)
         ids = [self._ids(p, from_scratch) for p in prompts]
         for row in ids:
             if not row:
                 raise UsageError("a prompt is empty; give some text, or from_scratch=True to start from <|endoftext|>")
-        given, values = self._shape_values(capacity, keep, evict)
+        given, values = self._shape_values(*shape)
         with self._blame(given):
-            shapes = [self.shape(*values, prompt_tokens=len(row)) for row in ids]  # every row checked before any work
+            shapes = [self._shape_for(values, len(row)) for row in ids]  # every row checked before any work
         seeds = self._seeds(seed, len(ids), run_settings.sampling.seed)
         texts = [p if isinstance(p, str) else self.decode(p) for p in prompts]
         for start in range(0, len(ids), batch_size):
             chunk = range(start, min(start + batch_size, len(ids)))
-            batch = MemoryBatch(self.network, len(chunk), shapes[start][0], [shapes[i][1] for i in chunk], [shapes[i][2] for i in chunk],
-                                tokenizer=self.tokenizer, model_id=self.name)  # fmt: skip
+            batch = MemoryBatch(self.network, len(chunk), shapes[start].capacity, [values[1]] * len(chunk), values[2],
+                                policy=values[3], recent=values[4], tokenizer=self.tokenizer, model_id=self.name)  # fmt: skip
             events = generate_batch(batch, self.tokenizer, [ids[i] for i in chunk], run_settings.run, run_settings.sampling,
                                     [seeds[i] for i in chunk], eos_id=self.eos_id, should_stop=should_stop or (lambda: False))  # fmt: skip
             done = sorted(collect(events, [texts[i] for i in chunk]), key=lambda g: g.stats.row)
@@ -275,7 +285,8 @@ class Model:
     # --- scoring and inspecting -------------------------------------------------------
 
     def perplexity(self, text: str | Sequence[int], *, capacity: int | None = None, keep: int | None = None, evict: int | None = None,
-                   max_tokens: int | None = None, progress: Callable[[int], None] | None = None) -> Score:  # fmt: skip
+                   policy: str | None = None, recent: int | None = None, max_tokens: int | None = None,
+                   progress: Callable[[int], None] | None = None) -> Score:  # fmt: skip
         """Score `text` (or token ids) through a fresh working memory: every token but
         the first gets the log-probability the model gives it from what is in memory
         just before it. The `Score` has `perplexity`, `nll` (nats per token),
@@ -288,29 +299,32 @@ class Model:
             ids = ids[:max_tokens]
         if len(ids) < 2:
             raise UsageError(f"the text has {len(ids)} token(s); scoring needs at least 2")
-        given, values = self._shape_values(capacity, keep, evict)
+        given, values = self._shape_values(capacity, keep, evict, policy, recent)
         if values[1] == "prompt":
             with self._blame(given):
                 raise UsageError("keep 'prompt' has no meaning for perplexity; give a count", key="keep")
-        return score(self.memory(*values), ids, self.tokenizer.token_bytes, progress=progress)
+        memory = self.memory(*values[:3], policy=values[3], recent=values[4])
+        return score(memory, ids, self.tokenizer.token_bytes, progress=progress)
 
-    def preview(self, text: str, *, capacity: int | None = None, keep: int | str | None = None, evict: int | None = None) -> dict:
+    def preview(self, text: str, *, capacity: int | None = None, keep: int | str | None = None, evict: int | None = None,
+                policy: str | None = None, recent: int | None = None) -> dict:  # fmt: skip
         """How `text` would fill a new memory, as a snapshot (tokenizer only, no
         weights read), with `prompt_tokens` and `unread` (tokens that would not fit)."""
+        from wmgen import policies
         from wmgen.window import describe, fit, kv_bytes_per_token
 
         ids = self.encode(text)
         if not ids:
             raise UsageError("the prompt is empty; give some text to preview")
-        capacity, keep, evict = self.shape(capacity, keep, evict, prompt_tokens=min(len(ids), self.n_positions - 1))
-        kept, unread = fit(ids, capacity, keep)
+        s = self.shape(capacity, keep, evict, policy=policy, recent=recent, prompt_tokens=min(len(ids), self.n_positions - 1))
+        policy_ = policies.make(s.policy, keep=s.keep, evict=s.evict, recent=s.recent, token_bytes=self.tokenizer.token_bytes)
+        kept, unread = fit([policies.Slot(t, "prompt") for t in ids], s.capacity, policy_)
         value_bytes = 2 if self.settings.model.dtype in ("bfloat16", "float16") else 4
         snap = describe(
-            kept, ["prompt"] * len(kept), [None] * len(kept), capacity=capacity, keep=keep, evict=evict,
-            counters={"evictions": 0, "evicted": 0, "recomputed": 0, "seen": len(kept)},
+            kept, s, counters={"evictions": 0, "evicted": 0, "recomputed": 0, "seen": len(kept)},
             kv_bytes_per_token=kv_bytes_per_token(self.info.n_layer, self.info.n_embd, value_bytes),
             token_text=self.tokenizer.token_text, model=self.name, tokenizer=self.tokenizer.fingerprint,
-            sampling=None, text=self.decode(kept),
+            sampling=None, text=self.decode([slot.token for slot in kept]),
         )  # fmt: skip
         return snap | {"prompt_tokens": len(ids), "unread": unread}
 
@@ -363,15 +377,15 @@ class Model:
         shape = tuple(None if options.get(k) is None else coerce(k, options[k], k) for k in SHAPE_KEYS)
         return settings, shape
 
-    def _shape_values(self, capacity, keep, evict) -> tuple[set[str], tuple]:
+    def _shape_values(self, capacity, keep, evict, policy=None, recent=None) -> tuple[set[str], tuple]:
         """Which shape values the caller gave, and the values with the settings' filling in."""
-        m = self.settings.memory
-        given = {k for k, v in zip(SHAPE_KEYS, (capacity, keep, evict)) if v is not None}
-        return given, (
-            m.capacity if capacity is None else capacity,
-            m.keep if keep is None else keep,
-            m.evict if evict is None else evict,
-        )
+        given = dict(zip(SHAPE_KEYS, (capacity, keep, evict, policy, recent)))
+        m = asdict(self.settings.memory)
+        return {k for k, v in given.items() if v is not None}, tuple(m[k] if v is None else v for k, v in given.items())
+
+    def _shape_for(self, values: tuple, prompt_tokens: int) -> Shape:
+        capacity, keep, evict, policy, recent = values
+        return self.shape(capacity, keep, evict, policy=policy, recent=recent, prompt_tokens=prompt_tokens)
 
     @contextmanager
     def _blame(self, given: set[str]):

@@ -24,6 +24,9 @@ except ImportError:  # older typer uses click itself
 from wmgen.errors import UsageError, WmgenError
 
 EXIT_CODES = """Exit status: 0 success (also when a reader closes the pipe), 1 runtime failure, 2 usage error, 130 interrupted by Ctrl-C (SIGINT), 143 terminated (SIGTERM)."""
+POLICY_HELP = ("What a full memory forgets: oldest (default), boundary (the oldest, cut at the end of a sentence or line) "
+               "or attention (the least attended, keeping --recent tokens).")
+RECENT_HELP = "With --policy attention: the most recent tokens, always kept. (default: half of capacity - keep)"
 DTYPE_HELP = "auto, float32, bfloat16, float16, or int8 (opt-in, CPU: int8 weights, 2-2.7x faster, approximate; see README)."
 # The most text wmgen reads from a file or stdin: far more than any model's window
 # (a long book is ~1 MiB); past it the input is refused rather than read until
@@ -306,6 +309,8 @@ def generate(
     capacity: Annotated[Optional[int], typer.Option("--capacity", help="Working memory size in tokens. (default: the model's limit, 1024 for gpt2)", show_default=False)] = None,
     keep: Annotated[Optional[str], typer.Option("--keep", help="Pinned tokens at the head of memory, a count or 'prompt'. (default: 0)", show_default=False)] = None,
     evict: Annotated[Optional[int], typer.Option("--evict", help="Tokens dropped per eviction; 1 is the exact sliding window. (default: a quarter of capacity - keep)", show_default=False)] = None,
+    policy: Annotated[Optional[str], typer.Option("--policy", help=POLICY_HELP, show_default=False)] = None,
+    recent: Annotated[Optional[int], typer.Option("--recent", help=RECENT_HELP, show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local folder of a GPT-2 checkpoint. (default: gpt2)", show_default=False)] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps.", show_default=False)] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help=DTYPE_HELP, show_default=False)] = None,
@@ -338,7 +343,7 @@ def generate(
     flags = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos,
-        capacity=capacity, keep=keep, evict=evict, model=model, device=device, dtype=dtype,
+        capacity=capacity, keep=keep, evict=evict, policy=policy, recent=recent, model=model, device=device, dtype=dtype,
     )  # fmt: skip
     state = state_dir(os.environ)
     name = sessions.check_name("last" if session is None else session)
@@ -363,7 +368,8 @@ def generate(
     lm = open_model(settings, out.quiet, out.color)
     memory = None
     if previous is not None:
-        shape = {k: coerce(k, v, f"--{k}") for k, v in (("capacity", capacity), ("keep", keep), ("evict", evict)) if v is not None}
+        given = {"capacity": capacity, "keep": keep, "evict": evict, "policy": policy, "recent": recent}
+        shape = {k: coerce(k, v, f"--{k}") for k, v in given.items() if v is not None}
         try:
             memory = lm.restore(previous, source=f"session '{name}'", **shape)
         except UsageError as e:
@@ -452,7 +458,8 @@ def run_generate(lm, text: str, out: Output, *, memory, save_to, from_scratch: b
     if not ids and memory is None:
         raise UsageError("the prompt is empty after tokenizing; give some text, or --from-scratch")
     if memory is None:
-        memory = lm.memory(*lm.shape(prompt_tokens=len(ids)))
+        memory = lm.memory(**lm.shape(prompt_tokens=len(ids))._asdict())
+    about["settings"]["memory"] = memory.shape._asdict()  # the memory's own: a continued one keeps its shape
     with Signals() as signals:
         events = lm.events(ids, memory=memory, should_stop=signals.stop_requested)
         try:
@@ -614,6 +621,8 @@ def inspect_memory(
     capacity: Annotated[Optional[int], typer.Option("--capacity", help="With --prompt: the memory's capacity.", show_default=False)] = None,
     keep: Annotated[Optional[str], typer.Option("--keep", help="With --prompt: pinned tokens, a count or 'prompt'.", show_default=False)] = None,
     evict: Annotated[Optional[int], typer.Option("--evict", help="With --prompt: tokens per eviction.", show_default=False)] = None,
+    policy: Annotated[Optional[str], typer.Option("--policy", help="With --prompt: what a full memory forgets (oldest, boundary, attention).", show_default=False)] = None,
+    recent: Annotated[Optional[int], typer.Option("--recent", help="With --prompt and --policy attention: recent tokens always kept.", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="With --prompt: whose tokenizer (default: gpt2). With --attention: the model to run (default: the session's).", show_default=False)] = None,
     attention: Annotated[bool, typer.Option("--attention", help="Run the memory through the model once and show where the next token's query attends.")] = False,
     layer: Annotated[Optional[int], typer.Option("--layer", help="With --attention: one layer instead of the mean over all.", show_default=False)] = None,
@@ -638,12 +647,12 @@ def inspect_memory(
     if layer is not None and layer < 0:
         raise UsageError(f"--layer {layer}: layers are numbered from 0")
     if prompt is not None:
-        flags = dict(capacity=capacity, keep=keep, evict=evict, model=model, device=device, dtype=dtype)
+        flags = dict(capacity=capacity, keep=keep, evict=evict, policy=policy, recent=recent, model=model, device=device, dtype=dtype)
         lm = open_model(build_settings(flags, config, quiet=False), color=not no_color)
         snap = lm.preview(read_prompt(prompt, None))
     else:
-        if any(v is not None for v in (capacity, keep, evict)):
-            raise UsageError("--capacity, --keep and --evict shape a --prompt preview; a saved session keeps its own")
+        if any(v is not None for v in (capacity, keep, evict, policy, recent)):
+            raise UsageError("--capacity, --keep, --evict, --policy and --recent shape a --prompt preview; a saved session keeps its own")
         name = sessions.check_name("last" if session is None else session)
         snap = sessions.read(state_dir(os.environ), name)
         lm = None
@@ -708,24 +717,31 @@ def list_sessions(
         show_sessions(rows, console, plain=plain)
 
 
-SWEEP_KEYS = ("capacity", "evict", "keep")
+SWEEP_KEYS = ("capacity", "evict", "keep", "policy", "recent")
 
 
-def parse_sweep(specs: list[str]) -> list[dict[str, int]]:
-    """`["capacity=128,256", "evict=1,64"]` -> every combination, as dicts."""
+def parse_sweep(specs: list[str]) -> list[dict[str, int | str]]:
+    """`["capacity=128,256", "policy=oldest,attention"]` -> every combination, as dicts."""
     import itertools
 
-    axes: dict[str, list[int]] = {}
+    from wmgen.settings import POLICIES
+
+    axes: dict[str, list] = {}
     for spec in specs:
         key, sep, values = spec.partition("=")
         if not sep or key not in SWEEP_KEYS:
             raise UsageError(f"--sweep {spec!r}: expected KEY=V1,V2,... with KEY one of {', '.join(SWEEP_KEYS)}")
-        try:
-            axes[key] = [int(v) for v in values.split(",") if v.strip()]
-        except ValueError:
-            raise UsageError(f"--sweep {spec!r}: values must be whole numbers separated by commas") from None
+        axes[key] = [v.strip() for v in values.split(",") if v.strip()]
         if not axes[key]:
             raise UsageError(f"--sweep {spec!r}: give at least one value")
+        if key == "policy":
+            if bad := [v for v in axes[key] if v not in POLICIES]:
+                raise UsageError(f"--sweep {spec!r}: {bad[0]!r} is not one of {', '.join(POLICIES)}")
+            continue
+        try:
+            axes[key] = [int(v) for v in axes[key]]
+        except ValueError:
+            raise UsageError(f"--sweep {spec!r}: values must be whole numbers separated by commas") from None
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
@@ -760,8 +776,10 @@ def perplexity(
     capacity: Annotated[Optional[int], typer.Option("--capacity", help="Working memory size in tokens. (default: the model's limit)", show_default=False)] = None,
     keep: Annotated[Optional[int], typer.Option("--keep", help="Pinned tokens at the head of memory. (default: 0)", show_default=False)] = None,
     evict: Annotated[Optional[int], typer.Option("--evict", help="Tokens dropped per eviction; 1 is the exact sliding window.", show_default=False)] = None,
+    policy: Annotated[Optional[str], typer.Option("--policy", help=POLICY_HELP, show_default=False)] = None,
+    recent: Annotated[Optional[int], typer.Option("--recent", help=RECENT_HELP, show_default=False)] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Score only the first N tokens of the text.", min=2, show_default=False)] = None,
-    sweep: Annotated[Optional[list[str]], typer.Option("--sweep", help="Score a grid of memory shapes: --sweep capacity=128,256 evict=1,64 [keep=0,4].", show_default=False)] = None,
+    sweep: Annotated[Optional[list[str]], typer.Option("--sweep", help="Score a grid of memory shapes: --sweep capacity=128,256 evict=1,64 [keep=0,4] [policy=oldest,attention] [recent=...].", show_default=False)] = None,
     plot: Annotated[Optional[str], typer.Option("--plot", help="With --sweep: write a PNG of perplexity against speed.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local folder of a GPT-2 checkpoint. (default: gpt2)", show_default=False)] = None,
@@ -782,7 +800,7 @@ def perplexity(
     if plot:
         check_plot_path(plot)
     grid = parse_sweep([*(sweep or []), *(sweep_rest or [])]) if sweep else None
-    flags = dict(capacity=capacity, keep=keep, evict=evict, model=model, device=device, dtype=dtype)
+    flags = dict(capacity=capacity, keep=keep, evict=evict, policy=policy, recent=recent, model=model, device=device, dtype=dtype)
     settings = build_settings(flags, config, quiet)
     text = read_text_file(file)
     lm = open_model(settings, quiet)
@@ -804,8 +822,8 @@ def perplexity(
 
     results = []
     with progress_bar(len(ids) - 1, len(shapes), quiet) as advance:
-        for capacity_, keep_, evict_ in shapes:
-            results.append(lm.perplexity(ids, capacity=capacity_, keep=keep_, evict=evict_, progress=advance))
+        for shape in shapes:
+            results.append(lm.perplexity(ids, **shape._asdict(), progress=advance))
     if looks_untrained(results[0].perplexity, lm.info.vocab_size):
         notice(f"warning: perplexity {results[0].perplexity:.0f} is about the vocabulary size ({lm.info.vocab_size}): "
                "this model looks untrained, so these numbers say nothing about quality", quiet)  # fmt: skip

@@ -25,6 +25,7 @@ class Evicted:
     recomputed: int  # tokens whose keys/values were recomputed
     fill: int
     row: int = 0
+    positions: tuple[int, ...] = ()  # where the evicted tokens were, before the eviction
 
 
 @dataclass(frozen=True)

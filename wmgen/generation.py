@@ -170,7 +170,8 @@ def run_rows(
             c = row.memory.counters
             evicted = c.evicted - before[row.index][0]
             if evicted:
-                yield Evicted(evicted=evicted, recomputed=c.recomputed - before[row.index][1], fill=row.memory.fill, row=row.index)
+                yield Evicted(evicted=evicted, recomputed=c.recomputed - before[row.index][1], fill=row.memory.fill,
+                              row=row.index, positions=row.memory.last_evicted)  # fmt: skip
             row.generated += 1
             piece, stopped = row.stop.push(row.stream.push(token))
             yield Token(index=index, id=token, text=piece, logprob=lps[row.index], fill=row.memory.fill, evicted=evicted, row=row.index)

@@ -242,6 +242,8 @@ class GPT2:
         *,
         attn_mask: Tensor | None = None,
         attention_out: list[Tensor] | None = None,
+        received: Tensor | None = None,
+        counted: int = 0,
     ) -> Tensor:
         """Hidden states `[B, T, E]` (after the final layer norm) for `ids` `[B, T]`
         placed at slots and positions `start..start+T-1`.
@@ -249,7 +251,10 @@ class GPT2:
         `attn_mask`, when given, is a boolean `[B or 1, 1, T, start+T]` mask of the
         slots each query may attend to; otherwise the pass is causal. When
         `attention_out` is a list, the last query's attention weights over the
-        slots, `[B, H, start+T]`, are appended to it per layer.
+        slots, `[B, H, start+T]`, are appended to it per layer. When `received` is a
+        float32 `[B, start+T]` tensor, the attention the last `counted` queries give
+        each slot before their own is added to it, summed over queries, heads and
+        layers (causal passes only).
         """
         cfg = self.config
         B, T = ids.shape
@@ -263,6 +268,8 @@ class GPT2:
         causal = attn_mask is None and T > 1
         group = Int8Linear.GROUP if B == 1 else 1  # int8 never quantizes two sequences together
         eps = cfg.layer_norm_epsilon
+        scoring = received is not None and counted > 0
+        own = torch.full((B,), end - 1, device=self.device) if scoring and T == 1 else None
         for layer, b in enumerate(self.blocks):
             h = F.layer_norm(x, (E,), *b.ln_1, eps)
             qkv = b.c_attn(h.view(B * T, E), group)
@@ -274,16 +281,24 @@ class GPT2:
             k_all, v_all = keys[:, :, :end], values[:, :, :end]
             if attention_out is not None:
                 attention_out.append(last_query_attention(q, k_all, attn_mask, self.scale))
-            a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask, is_causal=causal)
+            if own is not None:
+                a = attend_received(q, k_all, v_all, self.scale, received, own)
+            else:
+                if scoring:
+                    receive(q[:, :, T - counted :], k_all, self.scale, received, end - counted)
+                a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask, is_causal=causal)
             a = a.transpose(1, 2).reshape(B * T, E)
             x = x + b.c_proj(a, group).view(B, T, E)
             x = x + self._mlp(b, x.view(B * T, E), group).view(B, T, E)
         return F.layer_norm(x, (E,), *self.ln_f, eps)
 
-    def decode_rows(self, ids: Tensor, slots: Tensor, positions: Tensor, store: KVStore, width: int) -> Tensor:
+    def decode_rows(self, ids: Tensor, slots: Tensor, positions: Tensor, store: KVStore, width: int,
+                    received: Tensor | None = None) -> Tensor:  # fmt: skip
         """One token per row of a batched store: row r's token goes to slot
         `slots[r]` at position `positions[r]` and attends to its slots
-        `0..slots[r]` (of the first `width`). Hidden states `[B, E]`."""
+        `0..slots[r]` (of the first `width`). Hidden states `[B, E]`. `received`
+        `[B, width]`, when given, gets the attention each row's query gives each of
+        its slots before its own, summed over heads and layers."""
         cfg = self.config
         B, H, D, E = ids.shape[0], cfg.n_head, cfg.head_dim, cfg.n_embd
         x = self.embed(ids) + self.wpe[positions]
@@ -296,7 +311,10 @@ class GPT2:
             keys, values = store.keys[layer], store.values[layer]
             keys[rows, :, slots] = k
             values[rows, :, slots] = v
-            a = F.scaled_dot_product_attention(q[:, :, None], keys[:, :, :width], values[:, :, :width], attn_mask=seen)
+            if received is not None:
+                a = attend_received(q[:, :, None], keys[:, :, :width], values[:, :, :width], self.scale, received, slots)
+            else:
+                a = F.scaled_dot_product_attention(q[:, :, None], keys[:, :, :width], values[:, :, :width], attn_mask=seen)
             x = x + b.c_proj(a.reshape(B, E), 1)
             x = x + self._mlp(b, x, 1)
         return F.layer_norm(x, (E,), *self.ln_f, eps)
@@ -349,3 +367,31 @@ def last_query_attention(q: Tensor, k: Tensor, attn_mask: Tensor | None, scale: 
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask[:, :, -1:], float("-inf"))
     return scores.softmax(-1)[:, :, 0]
+
+
+def attend_received(q: Tensor, k: Tensor, v: Tensor, scale: float, received: Tensor, own: Tensor) -> Tensor:
+    """Attention of one query per row, `q` `[B, H, 1, D]` at slot `own[r]`, over slots
+    `0..own[r]` of `k`, `v` `[B, H, S, D]`, with its weights at hand: they are added
+    to `received` `[B, S]` (summed over heads, the query's own slot left out), and
+    the output `[B, H, 1, D]` is returned. Done by hand because the fused kernel
+    does not give the weights; one pass over the keys either way."""
+    slots = torch.arange(k.shape[2], device=k.device)
+    scores = (q @ k.transpose(-1, -2)).float() * scale  # [B, H, 1, S]
+    scores = scores.masked_fill((slots[None, :] > own[:, None])[:, None, None], float("-inf"))
+    weights = scores.softmax(-1)
+    received += weights[:, :, 0].sum(1).masked_fill(slots[None, :] >= own[:, None], 0)
+    return weights.to(v.dtype) @ v
+
+
+def receive(q: Tensor, k: Tensor, scale: float, received: Tensor, first: int, chunk: int = 256) -> None:
+    """Add to `received` `[B, S]` the attention that queries `q` `[B, H, T, D]`, at
+    slots `first..first+T-1`, give each slot before their own (causal), summed over
+    queries and heads. In chunks of queries, to bound the `[T, S]` weights held."""
+    S = k.shape[2]
+    slots = torch.arange(S, device=k.device)
+    for i in range(0, q.shape[2], chunk):
+        part = q[:, :, i : i + chunk]
+        own = torch.arange(first + i, first + i + part.shape[2], device=k.device)
+        scores = (part @ k.transpose(-1, -2)).float() * scale  # [B, H, t, S]
+        weights = scores.masked_fill(slots[None, :] > own[:, None], float("-inf")).softmax(-1)
+        received += weights.masked_fill(slots[None, :] >= own[:, None], 0).sum((1, 2))

@@ -1,12 +1,15 @@
 """WorkingMemory: the bounded window of tokens the model holds in mind, and the keys
 and values every layer computed for them.
 
-At most `capacity` tokens; the first `keep` are pinned (`keep="prompt"`: as many as
-the first tokens read into the empty memory). When a token arrives and the
-memory is full, the oldest `evict` unpinned tokens are evicted. GPT-2's positions
-are absolute, so the keys and values after the pinned head are then stale: they are
-recomputed, at positions `keep..`, in the same batched forward pass that reads the
-next token(s). Between evictions a token costs one incremental step.
+At most `capacity` tokens, one `Slot` record each; the first `keep` are pinned
+(`keep="prompt"`: as many as the first tokens read into the empty memory). When a
+token arrives and the memory is full, its policy (`wmgen.policies`; by default the
+oldest) picks `evict` unpinned tokens to evict. GPT-2's positions are absolute, so
+the keys and values from the first evicted slot on are then stale: they are
+recomputed, at compacted positions, in the same batched forward pass that reads the
+next token(s). Between evictions a token costs one incremental step. Under the
+attention policy every pass also credits each slot with the attention the new
+tokens' queries gave it.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import torch
 from torch import Tensor
 
 from wmgen.errors import UsageError
+from wmgen import policies
 from wmgen.gpt2 import GPT2, KVStore
-from wmgen.window import describe, fit, kv_bytes_per_token, shape
+from wmgen.policies import Slot
+from wmgen.window import Shape, describe, fit, kv_bytes_per_token, shape
 
 PROMPT, GENERATED, CONTINUED = "prompt", "generated", "continued"
 
@@ -40,34 +45,45 @@ class WorkingMemory:
     sets them. Not thread-safe: one memory serves one run at a time."""
 
     def __init__(self, model: GPT2, capacity: int, keep: int | str = 0, evict: int | None = None, *,
-                 store: KVStore | None = None, tokenizer=None, model_id: str | None = None):  # fmt: skip
-        self.pin_prompt = keep == "prompt"  # keep and evict are settled by the first read
-        self._evict_given = evict
-        self.capacity, self.keep, self.evict = shape(capacity, 0 if self.pin_prompt else keep, evict, model.config.n_positions)
+                 policy: str = "oldest", recent: int | None = None, store: KVStore | None = None,
+                 tokenizer=None, model_id: str | None = None):  # fmt: skip
+        self.pin_prompt = keep == "prompt"  # keep, evict and recent are settled by the first read
+        self._asked = (evict, policy, recent)
         self.model = model
-        self.store = store or model.new_store(capacity)  # allocated once; steps write in place
         self.tokenizer = tokenizer
+        self._reshape(shape(capacity, 0 if self.pin_prompt else keep, evict, model.config.n_positions, policy=policy, recent=recent))
+        self.store = store or model.new_store(self.capacity)  # allocated once; steps write in place
         self.model_id = model_id
         self.sampling: dict | None = None
-        self.tokens: list[int] = []
-        self.origins: list[str] = []
-        self.logprobs: list[float | None] = []
+        self.slots: list[Slot] = []
         self.valid = 0  # leading slots whose keys/values are current
         self.counters = Counters()
-        self._seen_at_forward = 0
+        self.last_evicted: tuple[int, ...] = ()  # the positions the latest eviction dropped
+        self.unrun = 0  # the newest slots, read but not yet run through the model
+
+    def _reshape(self, s: Shape) -> None:
+        self.shape = s
+        self.capacity, self.keep, self.evict, self.recent = s.capacity, s.keep, s.evict, s.recent
+        token_bytes = self.tokenizer.token_bytes if self.tokenizer is not None else None
+        self.policy = policies.make(s.policy, keep=s.keep, evict=s.evict, recent=s.recent, token_bytes=token_bytes)
 
     def _settle(self, prompt_tokens: int) -> None:
         """`keep="prompt"`: pin the first tokens read (and default `evict` to suit)."""
-        if self.pin_prompt and not self.tokens:
-            _, self.keep, self.evict = shape(self.capacity, prompt_tokens, self._evict_given, self.model.config.n_positions)
+        if self.pin_prompt and not self.slots:
+            evict, policy, recent = self._asked
+            self._reshape(shape(self.capacity, prompt_tokens, evict, self.model.config.n_positions, policy=policy, recent=recent))
             self.pin_prompt = False
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return len(self.slots)
 
     @property
     def fill(self) -> int:
-        return len(self.tokens)
+        return len(self.slots)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [s.token for s in self.slots]
 
     @property
     def text(self) -> str:
@@ -113,9 +129,8 @@ class WorkingMemory:
             if self.fill == self.capacity:
                 self._evict()
             n = min(self.capacity - self.fill, len(ids) - i)
-            self.tokens += ids[i : i + n]
-            self.origins += [origin] * n
-            self.logprobs += logprobs[i : i + n]
+            self.slots += [Slot(t, origin, lp) for t, lp in zip(ids[i : i + n], logprobs[i : i + n])]
+            self.unrun += n
             self.counters.seen += n
             if compute:
                 out.append(self._forward(n if all_logits else 1))
@@ -127,27 +142,24 @@ class WorkingMemory:
     def read(self, ids: Sequence[int], *, origin: str = PROMPT) -> tuple[Tensor, int]:
         """Read a prompt in one forward pass; the logits `[V]` for the token after it,
         and how many prompt tokens were dropped unread. What does not fit is dropped
-        as a block: the oldest unpinned tokens, first from memory, then from the
-        prompt (its pinned head, if any, stays)."""
+        at once, as the policy picks, from memory and prompt alike (the pinned head
+        and the prompt's last token stay)."""
         ids = list(ids)
-        if not ids and not self.tokens:
+        if not ids and not self.slots:
             raise ValueError("read needs at least one token")
         self._settle(len(ids))
         before = self.fill
-        dropped = max(0, before + len(ids) - self.capacity)
-        self.tokens += ids
-        self.origins += [origin] * len(ids)
-        self.logprobs += [None] * len(ids)
-        from_memory = max(0, min(dropped, before - self.keep))
-        if dropped:
-            cut = slice(self.keep, self.keep + dropped)
-            for column in (self.tokens, self.origins, self.logprobs):
-                del column[cut]
-            self.valid = min(self.valid, self.keep)
+        self.slots += [Slot(t, origin) for t in ids]
+        self.unrun += len(ids)
+        overflow = self.fill - self.capacity
+        drop = self.policy.drop(self.slots[:-1], overflow) if overflow > 0 else []
+        from_memory = sum(1 for i in drop if i < before)
+        if drop:
+            self._drop(drop)
         if from_memory:
             self.counters.evictions += 1
             self.counters.evicted += from_memory
-        unread = dropped - from_memory
+        unread = len(drop) - from_memory
         self.counters.seen += len(ids) - unread
         return self._forward(1)[-1], unread
 
@@ -157,22 +169,18 @@ class WorkingMemory:
         do not fit this memory are dropped like a prompt's; returns how many."""
         if self.pin_prompt:
             raise UsageError("keep 'prompt' pins what a new memory reads first; to restore a memory, give a count", key="keep")
-        slots = snapshot["slots"]
-        ids, dropped = fit(range(len(slots)), self.capacity, self.keep)
-        self.tokens = [slots[i]["token"] for i in ids]
-        self.origins = [slots[i]["origin"] for i in ids]
-        self.logprobs = [slots[i].get("logprob") for i in ids]
+        slots = [Slot(s["token"], s["origin"], s.get("logprob"), *scored(s)) for s in snapshot["slots"]]
+        self.slots, dropped = fit(slots, self.capacity, self.policy)
         self.counters = Counters(**snapshot.get("counters", {}))
         self.valid = 0
-        self._seen_at_forward = self.counters.seen
+        self.unrun = 0  # restored slots are recomputed, not read anew
         return dropped
 
     def snapshot(self) -> dict:
         """The memory as plain data, as session files hold it; see `wmgen.window.describe`."""
         tok = self.tokenizer
         return describe(
-            self.tokens, self.origins, self.logprobs,
-            capacity=self.capacity, keep=self.keep, evict=self.evict, counters=asdict(self.counters),
+            self.slots, self.shape, counters=asdict(self.counters),
             kv_bytes_per_token=self.kv_bytes_per_token, token_text=tok.token_text if tok else None,
             model=self.model_id, tokenizer=tok.fingerprint if tok else None, sampling=self.sampling, text=self.text,
         )  # fmt: skip
@@ -184,22 +192,29 @@ class WorkingMemory:
         per_layer: list[Tensor] = []
         ids = torch.tensor([self.tokens], device=self.model.device)
         self.model.forward(ids, 0, self.store, attention_out=per_layer)
+        self.unrun = 0
         self.valid = self.fill
         return torch.stack(per_layer)[:, 0]
 
     def mark_computed(self) -> None:
         """Every slot's keys and values are current (a batched step computed them)."""
         self.valid = self.fill
-        self._seen_at_forward = self.counters.seen
+        self.unrun = 0
 
     def _evict(self) -> None:
-        drop = min(self.evict, self.fill - self.keep)
-        cut = slice(self.keep, self.keep + drop)
-        for column in (self.tokens, self.origins, self.logprobs):
-            del column[cut]
-        self.valid = min(self.valid, self.keep)
+        drop = self.policy.drop(self.slots, min(self.evict, self.fill - self.keep))
+        self._drop(drop)
+        self.last_evicted = tuple(drop)
         self.counters.evictions += 1
-        self.counters.evicted += drop
+        self.counters.evicted += len(drop)
+
+    def _drop(self, indices: Sequence[int]) -> None:
+        """Forget the slots at `indices` (ascending); from the first of them on, the
+        keys and values no longer sit at their slots' positions."""
+        gone = set(indices)
+        self.unrun -= sum(1 for i in gone if i >= self.fill - self.unrun)
+        self.slots = [s for i, s in enumerate(self.slots) if i not in gone]
+        self.valid = min(self.valid, indices[0])
 
     @torch.inference_mode()
     def _forward(self, last: int) -> Tensor:
@@ -207,13 +222,33 @@ class WorkingMemory:
         new ones for the first time); the float32 logits of the last `last` slots."""
         start = min(self.valid, self.fill - last)  # the logits wanted need their slots run
         ids = torch.tensor([self.tokens[start:]], device=self.model.device)
-        hidden = self.model.forward(ids, start, self.store)
+        fresh = self.unrun
+        received = torch.zeros(1, self.fill, device=self.model.device) if self.policy.scores else None
+        hidden = self.model.forward(ids, start, self.store, received=received, counted=fresh)
         # counted once the pass is done: an interrupted pass leaves them to the next
-        fresh = self.counters.seen - self._seen_at_forward
         self.counters.recomputed += self.fill - start - fresh
-        self._seen_at_forward = self.counters.seen
+        self.unrun = 0
         self.valid = self.fill
+        if received is not None:
+            self.credit(received[0], fresh)
         return self.model.logits(hidden[0, -last:]).float()
+
+    def credit(self, received: Tensor, new: int) -> None:
+        """Add to each slot the attention the last `new` slots' queries gave it:
+        `received` `[fill]`, summed over those queries, layers and heads."""
+        c = self.model.config
+        first = self.fill - new  # the first new query's slot
+        shares = (received / (c.n_layer * c.n_head)).tolist()
+        for j, (slot, share) in enumerate(zip(self.slots, shares)):
+            slot.attention += share
+            slot.queries += new if j < first else self.fill - 1 - j
+
+
+def scored(record: dict) -> tuple[float, int]:
+    """A snapshot slot's attention sum and query count (none before policies were)."""
+    queries = record.get("queries") or 0
+    score = record.get("score")
+    return (score * queries if score is not None and queries else 0.0), (queries if score is not None else 0)
 
 
 class MemoryBatch:
@@ -262,10 +297,16 @@ class MemoryBatch:
         positions = [s if s != spare else 0 for s in slots]
         ids = [t if t is not None and r in batched else 0 for r, t in enumerate(tokens)]
         device = self.model.device
+        width = max(slots[r] for r in batched) + 1
+        scoring = any(self.rows[r].policy.scores for r in batched)
+        received = torch.zeros(len(self.rows), width, device=device) if scoring else None
         hidden = self.model.decode_rows(
             torch.tensor(ids, device=device), torch.tensor(slots, device=device),
-            torch.tensor(positions, device=device), self.store, width=max(slots[r] for r in batched) + 1,
+            torch.tensor(positions, device=device), self.store, width=width, received=received,
         )  # fmt: skip
         for r in batched:
-            self.rows[r].mark_computed()
+            row = self.rows[r]
+            row.mark_computed()
+            if row.policy.scores:
+                row.credit(received[r, : row.fill], 1)
         return self.model.batch_logits(hidden[batched]).float().cpu()

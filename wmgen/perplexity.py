@@ -35,6 +35,8 @@ class Score:
     capacity: int
     keep: int
     evict: int
+    policy: str = "oldest"
+    recent: int | None = None
 
     @property
     def nll(self) -> float:
@@ -68,6 +70,8 @@ class Score:
             "capacity": self.capacity,
             "keep": self.keep,
             "evict": self.evict,
+            "policy": self.policy,
+            "recent": self.recent,
             "evictions": self.evictions,
             "recomputed": self.recomputed,
             "recompute_share": self.recompute_share,
@@ -109,6 +113,8 @@ def score(memory: WorkingMemory, ids: Sequence[int], token_bytes: Callable[[int]
         capacity=memory.capacity,
         keep=memory.keep,
         evict=memory.evict,
+        policy=memory.shape.policy,
+        recent=memory.recent,
     )
 
 

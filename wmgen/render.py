@@ -156,6 +156,7 @@ def memory_header(snap: dict) -> list[tuple[str, str]]:
         ("fill", f"{fill_bar(snap['fill'], snap['capacity'])} {snap['fill']}/{snap['capacity']} tokens"),
         ("pinned", f"{pinned} (keep {snap['keep']})"),
         ("evict", f"{snap['evict']} tokens at a time"),
+        ("policy", policy_words(snap)),
         ("evictions", f"{c.get('evictions', 0)} ({c.get('evicted', 0)} tokens evicted, {c.get('recomputed', 0)} recomputed)"),
         ("tokens seen", str(c.get("seen", snap["fill"]))),
         ("kv held", f"{human_bytes(snap['kv_bytes'])} ({human_bytes(snap['kv_bytes_per_token'])} per token)"),
@@ -165,6 +166,13 @@ def memory_header(snap: dict) -> list[tuple[str, str]]:
     if snap.get("saved_at"):
         rows.append(("saved", snap["saved_at"]))
     return rows
+
+
+def policy_words(snap: dict) -> str:
+    policy = snap.get("policy", "oldest")
+    if policy == "attention":
+        return f"attention (the least attended go; the last {snap.get('recent')} tokens stay)"
+    return {"oldest": "oldest (the oldest unpinned tokens go)", "boundary": "boundary (the oldest go, up to a sentence end)"}.get(policy, policy)
 
 
 def select_slots(slots: list[dict], head: int | None, tail: int | None) -> list[dict]:
@@ -197,6 +205,9 @@ def show_memory(snap: dict, console, *, head: int | None = None, tail: int | Non
     table = Table(box=None if plain else box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for name, justify in (("slot", "right"), ("pos", "right"), ("id", "right"), ("text", "left"), ("origin", "left"), ("logprob", "right")):
         table.add_column(name, justify=justify)
+    scored = snap.get("policy") == "attention"
+    if scored:
+        table.add_column("score", justify="right")
     if shares is not None:
         where = "all layers" if attention.get("layer") is None else f"layer {attention['layer']}"
         table.add_column(f"attention ({where})", justify="left")
@@ -204,6 +215,8 @@ def show_memory(snap: dict, console, *, head: int | None = None, tail: int | Non
     for i, s in enumerate(slots):
         lp = "" if s.get("logprob") is None else f"{s['logprob']:.2f}"
         row = [str(s["slot"]), str(s["position"]), str(s["token"]), visible(s.get("text", "")), s["origin"] + (" (pinned)" if s.get("pinned") else ""), lp]
+        if scored:
+            row.append("—" if s.get("score") is None else f"{s['score']:.4f}")
         if shares is not None:
             share = shares[s["slot"]]
             row.append(f"{share:6.1%} {attention_bar(share, top)}")
@@ -257,14 +270,19 @@ def score_table(results, about: dict) -> str:
         return (
             f"{about['file']}: {r.tokens} tokens scored · perplexity {r.perplexity:.3f} · "
             f"{r.bits_per_byte:.4f} bits/byte · nll {r.nll:.4f}\n"
-            f"memory: capacity {r.capacity}, keep {r.keep}, evict {r.evict} · {r.evictions} evictions, "
+            f"memory: capacity {r.capacity}, keep {r.keep}, evict {r.evict}, policy {policy_label(r)} · {r.evictions} evictions, "
             f"{r.recomputed} tokens recomputed ({r.recompute_share:.0%}) · {r.seconds:.1f} s, {r.tokens_per_s:.0f} tokens/s"
         )
-    lines = ["| capacity | keep | evict | perplexity | bits/byte | tokens/s | recompute share |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| policy | capacity | keep | evict | perplexity | bits/byte | tokens/s | recompute share |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in results:
-        lines.append(f"| {r.capacity} | {r.keep} | {r.evict} | {r.perplexity:.3f} | {r.bits_per_byte:.4f} | "
+        lines.append(f"| {policy_label(r)} | {r.capacity} | {r.keep} | {r.evict} | {r.perplexity:.3f} | {r.bits_per_byte:.4f} | "
                      f"{r.tokens_per_s:.0f} | {r.recompute_share:.0%} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def policy_label(r) -> str:
+    return f"attention (recent {r.recent})" if r.policy == "attention" else r.policy
 
 
 def plot_sweep(results, path: str, *, title: str) -> None:
@@ -279,8 +297,13 @@ def plot_sweep(results, path: str, *, title: str) -> None:
 
         raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {"oldest": "tab:blue", "boundary": "tab:green", "attention": "tab:red"}
+    for policy in dict.fromkeys(r.policy for r in results):
+        mine = [r for r in results if r.policy == policy]
+        ax.scatter([r.tokens_per_s for r in mine], [r.perplexity for r in mine], color=colours.get(policy), label=policy)
+    if len({r.policy for r in results}) > 1:
+        ax.legend(fontsize=8)
     for r in results:
-        ax.scatter(r.tokens_per_s, r.perplexity, color="tab:blue")
         ax.annotate(f"C={r.capacity} E={r.evict}" + (f" K={r.keep}" if r.keep else ""), (r.tokens_per_s, r.perplexity),
                     textcoords="offset points", xytext=(4, 4), fontsize=8)  # fmt: skip
     ax.set_xlabel("tokens/s (scoring)")

@@ -58,7 +58,8 @@ def now() -> str:
 # The layout `window.describe` makes, plus what `write` adds. A check returns what is
 # wrong with a value ("must be ..."), or None. Required keys are the ones every wmgen
 # writes and that continuing or showing a memory needs; optional ones may be absent
-# (`policy` and `score` are to come) but are checked when present. Other keys are
+# (sessions from before policies have no `policy`, `recent`, `score` or `queries`)
+# but are checked when present. Other keys are
 # let through unchecked (a later wmgen may add some); `counters` takes exactly its
 # four, since the memory is rebuilt from them as keyword arguments.
 
@@ -129,7 +130,8 @@ FIELDS: dict[str, tuple[bool, Check]] = {
     "tokenizer": (True, string),
     "sampling": (False, mapping_or_null),  # null: the memory has not generated yet
     "text": (False, string),
-    "policy": (False, string),
+    "policy": (False, string),  # a name this wmgen may not know is refused when used, not when read
+    "recent": (False, integer(0)),
     "slots": (True, array),  # of SLOT_FIELDS
 }
 COUNTERS: dict[str, tuple[bool, Check]] = {k: (True, integer(0)) for k in ("evictions", "evicted", "recomputed", "seen")}
@@ -141,7 +143,8 @@ SLOT_FIELDS: dict[str, tuple[bool, Check]] = {
     "logprob": (True, logprob),
     "pinned": (True, boolean),
     "text": (False, string),
-    "score": (False, score),
+    "score": (False, score),  # null: no later token has attended to it yet
+    "queries": (False, integer(0)),
 }
 
 

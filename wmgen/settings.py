@@ -26,9 +26,10 @@ from wmgen.errors import UsageError
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 
-# `WMGEN_*` variables that are not settings. KERNELS, POLICY and RECENT are read by
-# code still to come; they are listed now so that setting them is not called a typo.
-OTHER_VARIABLES = ("WMGEN_HOME", "WMGEN_DEBUG", "WMGEN_KERNELS", "WMGEN_POLICY", "WMGEN_RECENT")
+# `WMGEN_*` variables that are not settings. KERNELS is read by code still to come;
+# it is listed now so that setting it is not called a typo.
+OTHER_VARIABLES = ("WMGEN_HOME", "WMGEN_DEBUG", "WMGEN_KERNELS")
+POLICIES = ("oldest", "boundary", "attention")  # wmgen.policies.POLICIES, without importing it
 
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few lines; anything this big is a mistake
 LARGEST_COUNT = 2**63 - 1  # counts and seeds fit in 64 bits (TOML's integers, torch's)
@@ -47,6 +48,8 @@ class MemorySettings:
     capacity: int | None = None  # None: the model's n_positions
     keep: int | str = 0  # a count, or "prompt": pin the whole prompt
     evict: int | None = None  # None: default_evict(capacity, keep)
+    policy: str = "oldest"  # which tokens a full memory forgets: oldest, boundary, attention
+    recent: int | None = None  # attention: recent tokens always kept; None: half of capacity - keep
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,8 @@ KEYS: dict[str, tuple[str, str]] = {
     "capacity": ("memory", "capacity"),
     "keep": ("memory", "keep"),
     "evict": ("memory", "evict"),
+    "policy": ("memory", "policy"),
+    "recent": ("memory", "recent"),
     "temperature": ("sampling", "temperature"),
     "top_k": ("sampling", "top_k"),
     "top_p": ("sampling", "top_p"),
@@ -374,6 +379,7 @@ def coerce(key: str, value, where: str):
     Accepted: model a non-empty name or folder; device, dtype one of their choices;
     capacity an integer >= 2 or "auto" (the model's limit is checked when the model
     is known); keep an integer >= 0 or "prompt"; evict an integer >= 1 or "auto";
+    policy one of oldest, boundary, attention; recent an integer >= 0 or "auto";
     temperature a finite number >= 0; top_k an integer >= 0 (0, or any count at or
     above the vocabulary, keeps every token); top_p finite in (0, 1];
     repetition_penalty finite > 0; seed 0..2**63 - 1 or "random"; max_new_tokens
@@ -401,6 +407,13 @@ def coerce(key: str, value, where: str):
         if evict is not None and evict < 1:
             raise UsageError(f"{where}: evict {evict} must be at least 1 (1 is the exact sliding window)")
         return evict
+    if key == "policy":
+        return _choice(value, where, POLICIES)
+    if key == "recent":
+        recent = _int(value, where, auto_ok=True)
+        if recent is not None and recent < 0:
+            raise UsageError(f"{where}: recent {recent} must be at least 0")
+        return recent
     if key == "temperature":
         t = _float(value, where)
         if t < 0:

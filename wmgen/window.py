@@ -5,8 +5,10 @@ these directly; `WorkingMemory` enforces them."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from wmgen.errors import UsageError
+from wmgen.policies import POLICIES, Policy, Slot, default_recent
 
 
 def default_evict(capacity: int, keep: int) -> int:
@@ -16,14 +18,35 @@ def default_evict(capacity: int, keep: int) -> int:
     return max(1, (capacity - keep) // 4)
 
 
-def shape(capacity: int | None, keep: int | str, evict: int | None, limit: int, prompt_tokens: int = 0) -> tuple[int, int, int]:
-    """`(capacity, keep, evict)` with the defaults filled in (capacity: the model's
-    limit; keep "prompt": the prompt's length; evict: `default_evict`), checked."""
+class Shape(NamedTuple):
+    """A memory's shape: its size, its pinned head, how much an eviction drops, and
+    by which policy (`recent` is the attention policy's; None for the others)."""
+
+    capacity: int
+    keep: int
+    evict: int
+    policy: str = "oldest"
+    recent: int | None = None
+
+
+def shape(capacity: int | None, keep: int | str, evict: int | None, limit: int, prompt_tokens: int = 0,
+          policy: str = "oldest", recent: int | None = None) -> Shape:  # fmt: skip
+    """The shape with the defaults filled in (capacity: the model's limit; keep
+    "prompt": the prompt's length; evict: `default_evict`; recent: half of the
+    rolling part, or what `evict` leaves of it), checked."""
     capacity = limit if capacity is None else capacity
     keep = prompt_tokens if keep == "prompt" else keep
     evict = default_evict(capacity, keep) if evict is None else evict
     check_shape(capacity, keep, evict, limit)
-    return capacity, keep, evict
+    if policy not in POLICIES:
+        raise UsageError(f"policy {policy!r} is not one of {', '.join(POLICIES)}", key="policy")
+    if policy != "attention":
+        return Shape(capacity, keep, evict, policy, None)
+    recent = default_recent(capacity, keep, evict) if recent is None else recent
+    if not 0 <= recent <= capacity - keep - evict:
+        raise UsageError(f"recent {recent} and evict {evict} do not fit in capacity - keep = {capacity - keep}; "
+                         f"recent can be at most {capacity - keep - evict}", key="recent")  # fmt: skip
+    return Shape(capacity, keep, evict, policy, recent)
 
 
 def check_shape(capacity: int, keep: int, evict: int, limit: int) -> None:
@@ -37,13 +60,15 @@ def check_shape(capacity: int, keep: int, evict: int, limit: int) -> None:
         raise UsageError(f"evict {evict} must be between 1 and capacity - keep = {capacity - keep}", key="evict")
 
 
-def fit(ids: Sequence[int], capacity: int, keep: int) -> tuple[list[int], int]:
-    """The pinned head and the most recent tokens of `ids` that fit `capacity`, and
-    how many were dropped from between them: what reading `ids` into an empty memory
-    keeps."""
-    ids = list(ids)
-    dropped = max(0, len(ids) - capacity)
-    return ids[:keep] + ids[keep + dropped :], dropped
+def fit(slots: Sequence[Slot], capacity: int, policy: Policy) -> tuple[list[Slot], int]:
+    """What of `slots` a memory of `capacity` keeps, read all at once, and how many
+    were dropped: what `policy` drops to make them fit (the newest always stays)."""
+    slots = list(slots)
+    overflow = len(slots) - capacity
+    if overflow <= 0:
+        return slots, 0
+    drop = set(policy.drop(slots[:-1], overflow))
+    return [s for i, s in enumerate(slots) if i not in drop], len(drop)
 
 
 def kv_bytes_per_token(n_layer: int, n_embd: int, bytes_per_value: int) -> int:
@@ -52,35 +77,36 @@ def kv_bytes_per_token(n_layer: int, n_embd: int, bytes_per_value: int) -> int:
 
 
 def describe(
-    tokens: Sequence[int],
-    origins: Sequence[str],
-    logprobs: Sequence[float | None],
+    slots: Sequence[Slot],
+    shape: Shape,
     *,
-    capacity: int,
-    keep: int,
-    evict: int,
     counters: dict,
     kv_bytes_per_token: int,
     token_text=None,
     **about,
 ) -> dict:
     """A memory as plain data (the layout of snapshots and session files): shape,
-    counters, and one record per slot, with the token's text when `token_text` is
-    given. `about` (model id, tokenizer fingerprint, sampling settings) is included
-    as given."""
-    slots = [
-        {"slot": i, "position": i, "token": t, "origin": o, "logprob": lp, "pinned": i < keep}
-        | ({"text": token_text(t)} if token_text else {})
-        for i, (t, o, lp) in enumerate(zip(tokens, origins, logprobs))
+    policy, counters, and one record per slot, with the token's text when
+    `token_text` is given, and its score under the attention policy (null until a
+    later token has attended to it; `queries` says how many have). `about` (model
+    id, tokenizer fingerprint, sampling settings) is included as given."""
+    scored = shape.policy == "attention"
+    records = [
+        {"slot": i, "position": i, "token": s.token, "origin": s.origin, "logprob": s.logprob, "pinned": i < shape.keep}
+        | ({"text": token_text(s.token)} if token_text else {})
+        | ({"score": s.score if s.queries else None, "queries": s.queries} if scored else {})
+        for i, s in enumerate(slots)
     ]
     return {
-        "capacity": capacity,
-        "keep": keep,
-        "evict": evict,
-        "fill": len(slots),
-        "kv_bytes": kv_bytes_per_token * len(slots),
+        "capacity": shape.capacity,
+        "keep": shape.keep,
+        "evict": shape.evict,
+        "policy": shape.policy,
+        **({"recent": shape.recent} if scored else {}),
+        "fill": len(records),
+        "kv_bytes": kv_bytes_per_token * len(records),
         "kv_bytes_per_token": kv_bytes_per_token,
         "counters": dict(counters),
         **about,
-        "slots": slots,
+        "slots": records,
     }

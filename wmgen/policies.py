@@ -1,0 +1,124 @@
+"""Memory policies: which slots a full memory forgets.
+
+One rule, one place, pure (no torch). A policy is asked "these are the slots; at least
+`n` must go: which?" whenever tokens must be dropped: an eviction, a prompt that does
+not fit, a snapshot restored into a smaller memory. It never drops the pinned head.
+Whatever it drops, the memory recomputes the rest at compacted positions, so for
+GPT-2's absolute positions any kept subset is exact.
+
+- `oldest`: the `n` oldest unpinned slots (a context shift; StreamingLLM's sinks plus
+  a recent window).
+- `boundary`: the `n` oldest, then on up to and including the next token that ends a
+  line or a sentence, at most `evict` more; so memory starts at a sentence when it can.
+- `attention`: the most recent `recent` slots stay; of the slots between them and the
+  pinned head, the `n` with the lowest score go (ties: the older). A slot's score is
+  the mean attention it has received (H2O's heavy hitters, kept by a mean).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+POLICIES = ("oldest", "boundary", "attention")
+
+SENTENCE_ENDS = (".", "!", "?", "。", "！", "？")
+CLOSERS = "\"')]}»”’」』）】〉》"
+
+
+@dataclass(slots=True)
+class Slot:
+    """One token in memory: what it is, where it came from (prompt, generated,
+    continued), the log-probability it was sampled with, and the attention it has
+    received: `attention` summed over the `queries` that gave it (each query's share
+    averaged over layers and heads)."""
+
+    token: int
+    origin: str
+    logprob: float | None = None
+    attention: float = 0.0
+    queries: int = 0
+
+    @property
+    def score(self) -> float:
+        """The mean attention received; +inf until a later token has attended to it."""
+        return self.attention / self.queries if self.queries else math.inf
+
+
+@dataclass(frozen=True)
+class Oldest:
+    keep: int
+    name: ClassVar[str] = "oldest"
+    scores: ClassVar[bool] = False  # whether the memory must keep each slot's score
+
+    def drop(self, slots: Sequence[Slot], n: int) -> list[int]:
+        """Indices of the slots to drop, ascending: at least `n`, none pinned."""
+        return list(range(self.keep, self.keep + n))
+
+
+@dataclass(frozen=True)
+class Boundary:
+    keep: int
+    evict: int  # the most it drops beyond `n` to reach a boundary
+    token_bytes: Callable[[int], bytes]
+    name: ClassVar[str] = "boundary"
+    scores: ClassVar[bool] = False
+
+    def drop(self, slots: Sequence[Slot], n: int) -> list[int]:
+        cut = self.keep + n
+        for i in range(cut, min(cut + self.evict, len(slots))):
+            if self.ends_sentence(slots, i):
+                return list(range(self.keep, i + 1))
+        return list(range(self.keep, cut))
+
+    def ends_sentence(self, slots: Sequence[Slot], i: int) -> bool:
+        """Whether slot i's token contains a newline, or ends a sentence (a closing
+        quote or bracket may follow within the token). A CJK full stop split over
+        byte tokens counts where its last byte is."""
+        own = self.token_bytes(slots[i].token).decode("utf-8", "surrogateescape")
+        if "\n" in own:
+            return True
+        closers = len(own) - len(own.rstrip(CLOSERS))
+        if closers == len(own):
+            return False  # only closers (or nothing): the token before ended it, if any
+        tail = b"".join(self.token_bytes(s.token) for s in slots[max(0, i - 2) : i + 1])
+        text = tail.decode("utf-8", "surrogateescape")
+        return text[: len(text) - closers].endswith(SENTENCE_ENDS)
+
+
+@dataclass(frozen=True)
+class Attention:
+    keep: int
+    recent: int
+    name: ClassVar[str] = "attention"
+    scores: ClassVar[bool] = True
+
+    def drop(self, slots: Sequence[Slot], n: int) -> list[int]:
+        between = range(self.keep, max(self.keep, len(slots) - self.recent))
+        if n >= len(between):  # only when a caller must drop more than the rule allows
+            return list(range(self.keep, self.keep + n))
+        return sorted(heapq.nsmallest(n, between, key=lambda i: (slots[i].score, i)))
+
+
+Policy = Oldest | Boundary | Attention
+
+
+def default_recent(capacity: int, keep: int, evict: int) -> int:
+    """Half of the rolling part, or less where `evict` needs the room."""
+    return min((capacity - keep) // 2, capacity - keep - evict)
+
+
+def make(name: str, *, keep: int, evict: int, recent: int | None = None, token_bytes: Callable[[int], bytes] | None = None) -> Policy:
+    """The policy called `name` for a memory of this shape (checked by `window.shape`)."""
+    if name == "oldest":
+        return Oldest(keep)
+    if name == "boundary":
+        if token_bytes is None:
+            raise ValueError("the boundary policy reads token text: give the memory a tokenizer")
+        return Boundary(keep, evict, token_bytes)
+    if name == "attention":
+        return Attention(keep, recent)
+    raise ValueError(f"no policy {name!r}")
