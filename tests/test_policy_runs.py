@@ -146,8 +146,8 @@ def session(home, name: str = "last") -> dict:
 
 
 @pytest.fixture
-def home(isolated_home):
-    return isolated_home
+def home(tmp_path):
+    return tmp_path / "wmgen-home"  # WMGEN_HOME, as conftest's isolated_home sets it
 
 
 def test_policy_flag_is_saved_with_scores_and_kept_by_continue(tiny_dir, home):
@@ -176,7 +176,7 @@ def test_policy_comes_from_a_config_file_and_from_the_environment(tiny_dir, home
     assert start["settings"]["memory"]["policy"] == "boundary"
     r = invoke("generate", "-m", str(tiny_dir), "--format", "jsonl", "-n", "3", "-t", "0", PROMPT, env={"WMGEN_POLICY": "attention"})
     start = json.loads(ok(r).splitlines()[0])
-    assert start["settings"]["memory"]["policy"] == "attention" and start["settings"]["memory"]["recent"] == 512
+    assert start["settings"]["memory"]["policy"] == "attention" and start["settings"]["memory"]["recent"] == 32  # half of the tiny model's 64
     assert session(home)["policy"] == "attention"
 
 
