@@ -70,8 +70,10 @@ class Reference:
         if self.policy == "oldest":
             return list(range(k, k + n))
         if self.policy == "boundary":
-            for i in range(k + n, min(k + n + self.evict, len(entries))):
-                if ends_a_sentence(self.token_text(entries[i].token)):
+            for i in range(k + n - 1, min(k + n + self.evict, len(entries))):
+                if i == k + n - 1 and ends_a_sentence(self.token_text(entries[i].token)):
+                    break  # the cut already follows a sentence end
+                if i >= k + n and ends_a_sentence(self.token_text(entries[i].token)):
                     return list(range(k, i + 1))
             return list(range(k, k + n))
         candidates = list(range(k, len(entries) - self.recent))

@@ -65,10 +65,12 @@ def test_boundary_drops_evict_then_up_to_evict_more_and_stops_just_after_a_sente
     assert drop == list(range(keep, keep + len(drop))), "boundary drops one block after the pinned head"
     assert evict <= len(drop) <= 2 * evict
     extra = range(keep + evict, keep + len(drop))
+    already = ends_a_sentence(text_of(slots[keep + evict - 1].token))
     if len(drop) > evict:
+        assert not already, "the oldest block already ended a sentence, yet more went"
         assert ends_a_sentence(text_of(slots[drop[-1]].token)), "the cut comes just after a sentence end"
     assert not any(ends_a_sentence(text_of(slots[i].token)) for i in extra[:-1]), "it went past an earlier boundary"
-    if len(drop) == evict:
+    if len(drop) == evict and not already:
         window = range(keep + evict, min(keep + 2 * evict, len(slots)))
         assert not any(ends_a_sentence(text_of(slots[i].token)) for i in window), "a boundary in reach was missed"
 
@@ -104,6 +106,7 @@ def test_a_cjk_full_stop_split_over_byte_tokens_ends_a_sentence_where_its_last_b
     pieces = {1: b" word", 2: stop[:1], 3: stop[1:], 4: b" next", 5: "」".encode()}
     slots = [Slot(t, "generated") for t in (1, 1, 2, 3, 4, 4, 4)]
     assert Boundary(0, 3, pieces.__getitem__).drop(slots, 1) == [0, 1, 2, 3]
+    assert Boundary(0, 3, pieces.__getitem__).drop(slots, 4) == [0, 1, 2, 3], "the cut already follows the stop"
     quoted = [Slot(t, "generated") for t in (1, 4, 2, 3, 5, 4)]
     assert Boundary(0, 3, pieces.__getitem__).drop(quoted, 1) == [0, 1, 2, 3], "a closing bracket token after the stop does not end it again"
 

@@ -8,8 +8,9 @@ GPT-2's absolute positions any kept subset is exact.
 
 - `oldest`: the `n` oldest unpinned slots (a context shift; StreamingLLM's sinks plus
   a recent window).
-- `boundary`: the `n` oldest, then on up to and including the next token that ends a
-  line or a sentence, at most `evict` more; so memory starts at a sentence when it can.
+- `boundary`: the `n` oldest, then, unless the last of them ends a line or a
+  sentence, on up to and including the next token that does, at most `evict` more;
+  so memory starts at a sentence when it can.
 - `attention`: the most recent `recent` slots stay; of the slots between them and the
   pinned head, the `n` with the lowest score go (ties: the older). A slot's score is
   the mean attention it has received (H2O's heavy hitters, kept by a mean).
@@ -69,6 +70,8 @@ class Boundary:
 
     def drop(self, slots: Sequence[Slot], n: int) -> list[int]:
         cut = self.keep + n
+        if self.ends_sentence(slots, cut - 1):
+            return list(range(self.keep, cut))  # memory already starts a sentence
         for i in range(cut, min(cut + self.evict, len(slots))):
             if self.ends_sentence(slots, i):
                 return list(range(self.keep, i + 1))
