@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py                # everything below, about 6 minutes
     python benchmarks/bench.py --only decode  # one part: decode, long, sweep,
-                                              # ceiling, int8, startup (or batch)
+                                              # ceiling, int8, policies, startup (or batch)
     python benchmarks/bench.py --model PATH   # a real checkpoint folder instead
 
 By default it uses a randomly initialised model of the exact `gpt2` shape
@@ -33,7 +33,7 @@ SHARED = HERE.parent.parent / "shared"
 TOKENIZER = SHARED / "tokenizers" / "gpt2"
 WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 CHART = HERE / "long-generation.png"
-PARTS = ("decode", "long", "sweep", "ceiling", "int8", "startup")
+PARTS = ("decode", "long", "sweep", "ceiling", "int8", "policies", "startup")
 
 
 def build_model() -> Path:
@@ -79,7 +79,8 @@ class Bench:
     def int8(self):
         return self.lm8.network
 
-    def wmgen(self, prompt: list[int], n: int, *, evict: int | None = None, lm=None) -> list[float]:
+    def wmgen(self, prompt: list[int], n: int, *, evict: int | None = None, lm=None, capacity: int = 1024,
+              policy: str = "oldest") -> list[float]:  # fmt: skip
         """Generate `n` tokens greedily after `prompt` (capacity 1024), through the
         library as the command line does: the time of each token since the start,
         prompt reading included. (One more token is generated and not counted: the
@@ -87,7 +88,7 @@ class Bench:
         from wmgen.events import Token
 
         lm = lm or self.lm
-        memory = lm.memory(1024, 0, evict)
+        memory = lm.memory(capacity, 0, evict, policy=policy)
         t0, times = time.perf_counter(), []
         for event in lm.events(prompt, memory=memory, max_new_tokens=n + 1, ignore_eos=True, temperature=0):
             if isinstance(event, Token):
@@ -353,6 +354,29 @@ def bench_batch(b: Bench, reps: int, n: int = 48) -> list[tuple]:
     return rows
 
 
+POLICIES = ("oldest", "boundary", "attention")
+
+
+def bench_policies(b: Bench, reps: int) -> list[tuple]:
+    """Each policy's speed: decoding at a 900-token context (no eviction: what the
+    attention policy's scoring costs a step), and 600 tokens at capacity 256 (six
+    evictions, each policy choosing its own tokens to drop)."""
+    prompt = prompt_of(900)
+    steady = {p: [] for p in POLICIES}
+    rolling = {p: [] for p in POLICIES}
+    for _ in range(reps):  # interleaved
+        for p in POLICIES:
+            steady[p].append(decode_rate(b.wmgen(prompt, 72, policy=p)))
+            rolling[p].append(600 / b.wmgen(prompt_of(32), 600, capacity=256, policy=p)[-1])
+    base, base_rolling = statistics.median(steady["oldest"]), statistics.median(rolling["oldest"])
+    rows = []
+    for p in POLICIES:
+        s, r = statistics.median(steady[p]), statistics.median(rolling[p])
+        rows.append((f"--policy {p}: decode at a 900-token context (÷ oldest)", f"{s:.1f}", "", f"{s / base:.3f}×"))
+        rows.append((f"--policy {p}: 600 tokens at capacity 256, 6 evictions (÷ oldest)", f"{r:.1f}", "", f"{r / base_rolling:.3f}×"))
+    return rows
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -393,6 +417,8 @@ def main() -> None:
             rows += bench_ceiling(b)
         elif part == "int8":
             rows += bench_int8(b)
+        elif part == "policies":
+            rows += bench_policies(b, args.reps)
         elif part == "startup":
             rows += bench_startup(b, args.reps)
         elif part == "batch":
