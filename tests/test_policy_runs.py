@@ -246,3 +246,21 @@ def test_perplexity_sweeps_policies_and_reports_each(tiny_dir, tmp_path):
     assert len({round(r["perplexity"], 6) for r in rows if r["capacity"] == 16}) > 1, "the policies scored alike"
     line = one_line_error(invoke("perplexity", str(text), "-m", str(tiny_dir), "--sweep", "policy=oldest,lru"), 2)
     assert "'lru' is not one of oldest, boundary, attention" in line
+
+
+def test_a_saved_attention_memory_loads_back_with_its_policy_and_scores(lm, tmp_path):
+    import wmgen
+
+    mem = lm.memory(capacity=16, keep=1, evict=4, policy="attention", recent=5)
+    lm.generate(PROMPT, memory=mem, max_new_tokens=25, temperature=0, ignore_eos=True)
+    wmgen.sessions.save(mem, "scored", home=tmp_path)
+    back = wmgen.sessions.load("scored", lm, home=tmp_path)
+    saved_tokens = back.tokens
+    assert back.shape == mem.shape
+    assert [s.queries for s in back.slots] == [s.queries for s in mem.slots]
+    assert [s.score for s in back.slots] == pytest.approx([s.score for s in mem.slots], rel=1e-12)
+    first = lm.generate(" more", memory=mem, max_new_tokens=12, temperature=0, ignore_eos=True)
+    again = lm.generate(" more", memory=back, max_new_tokens=12, temperature=0, ignore_eos=True)
+    assert first.tokens == again.tokens, "a loaded memory continues as the one it was saved from"
+    plain = wmgen.sessions.load("scored", lm, home=tmp_path, policy="oldest")
+    assert plain.shape.policy == "oldest" and plain.recent is None and plain.tokens == saved_tokens

@@ -420,9 +420,11 @@ def save(memory, name: str = "last", *, home: str | Path | None = None, fallback
 
 
 def load(name: str, model, *, capacity: int | None = None, keep: int | None = None, evict: int | None = None,
-         home: str | Path | None = None):  # fmt: skip
+         policy: str | None = None, recent: int | None = None, home: str | Path | None = None):  # fmt: skip
     """Session `name` as a `WorkingMemory` of `model` (a `wmgen.Model`), ready to
-    continue as `wmgen generate -c` does. It keeps the session's shape unless
-    `capacity`, `keep` or `evict` (tokens) is given; see `Model.restore`."""
+    continue as `wmgen generate -c` does. It keeps the session's shape and policy
+    unless `capacity`, `keep`, `evict` (tokens), `policy` or `recent` is given; see
+    `Model.restore`."""
     snapshot = read(_state(home), check_name(name))
-    return model.restore(snapshot, capacity=capacity, keep=keep, evict=evict, source=f"session '{name}'")
+    return model.restore(snapshot, capacity=capacity, keep=keep, evict=evict, policy=policy, recent=recent,
+                         source=f"session '{name}'")  # fmt: skip

@@ -341,6 +341,14 @@ def _bool(value, where: str) -> bool:
     raise UsageError(f"{where}: expected true or false, got {_short(value)}")
 
 
+def _count_or_auto(value, where: str, low: int, too_low: str) -> int | None:
+    """An integer >= `low`, or "auto" (None); `too_low` says what is wrong with a smaller one."""
+    count = _int(value, where, auto_ok=True)
+    if count is not None and count < low:
+        raise UsageError(f"{where}: {too_low.format(count)}")
+    return count
+
+
 def _choice(value, where: str, choices) -> str:
     if not isinstance(value, str) or value not in choices:
         raise UsageError(f"{where}: {_short(value)} is not one of {', '.join(choices)}")
@@ -396,24 +404,15 @@ def coerce(key: str, value, where: str):
     if key == "dtype":
         return _choice(value, where, DTYPES)
     if key == "capacity":
-        capacity = _int(value, where, auto_ok=True)
-        if capacity is not None and capacity < 2:
-            raise UsageError(f"{where}: capacity {capacity} is too small; it must be at least 2 tokens")
-        return capacity
+        return _count_or_auto(value, where, 2, "capacity {} is too small; it must be at least 2 tokens")
     if key == "keep":
         return _keep(value, where)
     if key == "evict":
-        evict = _int(value, where, auto_ok=True)
-        if evict is not None and evict < 1:
-            raise UsageError(f"{where}: evict {evict} must be at least 1 (1 is the exact sliding window)")
-        return evict
+        return _count_or_auto(value, where, 1, "evict {} must be at least 1 (1 is the exact sliding window)")
     if key == "policy":
         return _choice(value, where, POLICIES)
     if key == "recent":
-        recent = _int(value, where, auto_ok=True)
-        if recent is not None and recent < 0:
-            raise UsageError(f"{where}: recent {recent} must be at least 0")
-        return recent
+        return _count_or_auto(value, where, 0, "recent {} must be at least 0")
     if key == "temperature":
         t = _float(value, where)
         if t < 0:
