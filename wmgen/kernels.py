@@ -39,9 +39,9 @@ FLOAT = ("addmm", "linear", "packed")
 INT8 = ("fbgemm", "onednn", "int8pack")
 VERSION = 1  # of the cache file's layout
 
-# Of each shape, the first layers' weights are timed, up to this many: 32 MB in
+# Of each shape, the first layers' weights are timed, up to this many: 24 MB in
 # float32, far past L2; a round reads them in every candidate's layout, past L3.
-SAMPLE_WEIGHTS = 8 << 20
+SAMPLE_WEIGHTS = 6 << 20
 # A model with fewer weights than this is not measured: they stay in the caches, so
 # its steps are overhead, whatever the kernel, and timings would be noise.
 SMALL_WEIGHTS = 8 << 20
