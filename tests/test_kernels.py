@@ -73,7 +73,7 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("kernel", FLOAT_HERE)
 def test_every_float_kernel_gives_the_logits_of_transformers(tiny_dir, hf_model, loaded, kernel):
-    model = load(tiny_dir, kernels=(kernel,))
+    model = load(tiny_dir, forced_kernels=(kernel,))
     assert model.kernels.how == "forced"
     assert {b.c_fc.kernel for b in model.blocks} == {kernel}
     assert model._head.kernel == (kernel if kernel != "packed" else "addmm"), "a packed head could not give embeddings"
@@ -88,7 +88,7 @@ def test_every_float_kernel_gives_the_logits_of_transformers(tiny_dir, hf_model,
 @pytest.mark.parametrize("kernel", INT8_HERE)
 def test_every_int8_kernel_stays_within_the_int8_bounds_of_float32(tiny_dir, loaded, kernel):
     exact_model, tokenizer, _ = loaded
-    model = load(tiny_dir, "int8", kernels=(kernel,))
+    model = load(tiny_dir, "int8", forced_kernels=(kernel,))
     assert {b.c_attn.kernel for b in model.blocks} == {kernel} and model._head.kernel == kernel
     ids = text_ids(tokenizer, exact_model.config.n_positions)
     exact, approx = fresh_logits(exact_model, ids), fresh_logits(model, ids)
@@ -103,7 +103,7 @@ def test_every_int8_kernel_stays_within_the_int8_bounds_of_float32(tiny_dir, loa
 @pytest.mark.parametrize("dtype, kernel", [("float32", k) for k in FLOAT_HERE] + [("int8", k) for k in INT8_HERE])
 def test_with_every_kernel_batched_rows_get_what_they_get_alone(tiny_dir, loaded, dtype, kernel):
     model, tokenizer, _ = loaded
-    model = load(tiny_dir, dtype, kernels=(kernel,))
+    model = load(tiny_dir, dtype, forced_kernels=(kernel,))
     prompts = [tokenizer.encode(t) for t in ("Once", "The lighthouse keeper climbed", "def fib(n):")]
     batch = MemoryBatch(model, len(prompts), capacity=16, keep=1, evict=4)
     alone = [WorkingMemory(model, 16, 1, 4) for _ in prompts]
@@ -185,7 +185,7 @@ def test_the_library_forces_kernels_with_an_argument_and_checks_it(tiny_dir):
 
 
 def test_a_kernel_of_the_other_kind_leaves_the_choice_to_measuring(tiny_dir):
-    model = load(tiny_dir, kernels=("fbgemm",))  # an int8 kernel, for a float32 model
+    model = load(tiny_dir, forced_kernels=("fbgemm",))  # an int8 kernel, for a float32 model
     assert model.kernels.how == "default" and "small" in model.kernels.note
 
 

@@ -102,7 +102,7 @@ class Model:
 
                     with self._loading(self.info.name):
                         self._network = load_model(self.info, device=self.settings.model.device, dtype=self.settings.model.dtype,
-                                                   kernels=self._forced_kernels, kernel_cache=kernel_cache(os.environ))  # fmt: skip
+                                                   forced_kernels=self._forced_kernels, kernel_cache=kernel_cache(os.environ))  # fmt: skip
         return self._network
 
     @property

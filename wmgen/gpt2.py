@@ -236,7 +236,7 @@ class GPT2:
     """The GPT-2 network as functions over its weight tensors."""
 
     def __init__(self, config: GPT2Config, weights: dict[str, Tensor], *, int8: bool = False,
-                 kernels: tuple[str, ...] = (), kernel_cache: Path | None = None):  # fmt: skip
+                 forced_kernels: tuple[str, ...] = (), kernel_cache: Path | None = None):  # fmt: skip
         """Takes the tensors out of `weights` as it goes (so that repacked ones can be
         freed at once). With `int8`, every projection and the output head are
         quantized to int8 (`Int8Linear`); layer norms, position embeddings and the
@@ -244,8 +244,8 @@ class GPT2:
 
         Each shape of weight gets the kernel that runs it fastest here (see
         `wmgen.kernels`), read from `kernel_cache` or measured now and kept there
-        (None: measured, not kept); the first of `kernels` of this kind (float or
-        int8) is used instead where given."""
+        (None: measured, not kept); the first of `forced_kernels` of this kind (float
+        or int8) is used instead where given."""
         self.config = config
         self.int8 = int8
         for name in list(weights):
@@ -261,7 +261,9 @@ class GPT2:
         norms = [(pair(f"h.{i}.ln_1"), pair(f"h.{i}.ln_2")) for i in range(config.n_layer)]
         layers = [{part: pair(f"h.{i}.{path}") for part, path in PROJECTIONS.items()} for i in range(config.n_layer)]
         if int8:
-            layers = [{part: (*quantize_rows(weight.t().float()), bias) for part, (weight, bias) in layer.items()} for layer in layers]
+            for layer in layers:  # in place: each layer's float weights are freed once quantized
+                for part, (weight, bias) in list(layer.items()):
+                    layer[part] = (*quantize_rows(weight.t().float()), bias)
             # Token embeddings keep their own int8 rows (dequantized as read); the
             # head reads them in place (int8pack) or packs a copy of its own (two
             # int8 copies, together half the bytes of the one float32 matrix).
@@ -272,7 +274,7 @@ class GPT2:
             # there is one copy of the matrix.
             head = (wte.t().contiguous(), None)
         del wte
-        self.kernels, measured = self._choose_kernels(layers, head, kernels, kernel_cache)
+        self.kernels, measured = self._choose_kernels(layers, head, forced_kernels, kernel_cache)
         chosen = self.kernels.kernels
         ready = {key: iter(made) for key, made in measured.items()}  # built while measuring: layers in order
         del measured
