@@ -424,6 +424,9 @@ def main() -> None:
         elif part == "batch":
             rows += bench_batch(b, args.reps)
     print(f"machine: {machine()}; fp32 unless marked, batch 1, greedy; {time.perf_counter() - t0:.0f} s in all")
+    for lm in (b.lm, b._lm8):
+        if lm is not None:
+            print(f"kernels: {lm.kernels}")
     print(table(rows))
 
 

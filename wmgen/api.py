@@ -9,6 +9,7 @@ and nothing deeper; it prints nothing and knows nothing of argv or exit codes.
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +32,8 @@ RUN_KEYS = ("max_new_tokens", "stop", "ignore_eos")
 SHAPE_KEYS = ("capacity", "keep", "evict", "policy", "recent")
 
 
-def load(model: str | None = None, *, device: str | None = None, dtype: str | None = None, config: str | None = None, **defaults) -> Model:
+def load(model: str | None = None, *, device: str | None = None, dtype: str | None = None, config: str | None = None,
+         kernels: str | None = None, **defaults) -> Model:  # fmt: skip
     """A GPT-2 checkpoint, ready to use: `model` is a hub id (`gpt2`, `distilgpt2`,
     ...) or a local folder, found by the same rules as `--model`. The tokenizer is
     read now; the weights are read on first use.
@@ -44,13 +46,21 @@ def load(model: str | None = None, *, device: str | None = None, dtype: str | No
     when none is given), as on the command line. The library reads no `WMGEN_*`
     variables and no user config file.
 
+    `kernels` forces the kernels the weights run through, as `WMGEN_KERNELS` does
+    (`linear`, or a float and an int8 one: `linear,onednn`; see `wmgen.kernels`).
+    Left as None, the fastest are measured the first time a model's shapes are
+    used on a machine, and remembered in the user's cache folder.
+
     Raises `UsageError` (a `ValueError`) for a bad value and `ModelError` for a
     model that cannot be found or read."""
     values = {"model": model, "device": device, "dtype": dtype, **defaults}
     unknown = sorted(set(values) - set(SAMPLING_KEYS + RUN_KEYS + SHAPE_KEYS + ("model", "device", "dtype")))
     if unknown:
         raise TypeError(f"load() got unexpected keyword arguments: {', '.join(unknown)}")
-    return Model(load_settings(flags=values, env={}, config=config, user_config=False, given="argument"))
+    from wmgen.kernels import parse
+
+    forced = parse(kernels, "kernels") if kernels else ()
+    return Model(load_settings(flags=values, env={}, config=config, user_config=False, given="argument"), kernels=forced)
 
 
 class Model:
@@ -62,15 +72,18 @@ class Model:
     per memory. Token counts are tokens, times are seconds, log-probabilities are
     natural logarithms (nats)."""
 
-    def __init__(self, settings: Settings, *, loading: Callable[[str], AbstractContextManager] | None = None):
+    def __init__(self, settings: Settings, *, loading: Callable[[str], AbstractContextManager] | None = None,
+                 kernels: Sequence[str] = ()):  # fmt: skip
         """`settings` as `wmgen.settings.load_settings` builds them; `loading(name)`
-        is entered while the weights are read (the command line shows a spinner)."""
+        is entered while the weights are read (the command line shows a spinner);
+        `kernels` forces kernels (names from `wmgen.kernels`)."""
         from wmgen.model import load_tokenizer
 
         self.settings = settings
         self.info, self.tokenizer = load_tokenizer(settings.model.name)
         self.name = model_id(settings.model.name)
         self._network = None
+        self._forced_kernels = tuple(kernels)
         self._loading = loading or (lambda name: nullcontext())
         self._lock = threading.Lock()
 
@@ -86,10 +99,19 @@ class Model:
             with self._lock:
                 if self._network is None:
                     from wmgen.model import load_model
+                    from wmgen.settings import kernel_cache
 
                     with self._loading(self.info.name):
-                        self._network = load_model(self.info, device=self.settings.model.device, dtype=self.settings.model.dtype)
+                        self._network = load_model(self.info, device=self.settings.model.device, dtype=self.settings.model.dtype,
+                                                   forced_kernels=self._forced_kernels, kernel_cache=kernel_cache(os.environ))  # fmt: skip
         return self._network
+
+    @property
+    def kernels(self):
+        """The kernels the weights run through (`wmgen.kernels.Choice`): one per shape
+        of weight, and whether they were measured now, read from the cache (in
+        `$WMGEN_HOME`, else the user's cache folder) or forced. Reads the weights."""
+        return self.network.kernels
 
     @property
     def n_positions(self) -> int:

@@ -279,6 +279,9 @@ def open_model(settings, quiet: bool = False, color: bool = True):
     from contextlib import contextmanager
 
     from wmgen.api import Model
+    from wmgen.settings import forced_kernels
+
+    kernels = forced_kernels(os.environ)  # checked before the weights are read
 
     @contextmanager
     def loading(name: str):
@@ -292,7 +295,7 @@ def open_model(settings, quiet: bool = False, color: bool = True):
                 yield
         collect_garbage_from_now_on()
 
-    return Model(settings, loading=loading)
+    return Model(settings, loading=loading, kernels=kernels)
 
 
 @app.command()
@@ -320,6 +323,7 @@ def generate(
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Begin with <|endoftext|>, so an empty prompt is allowed.")] = False,
     echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the continuation.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings and memory counters on stderr at the end.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="With --stats, also the kernels chosen for this machine; and tracebacks of unexpected errors.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No notices on stderr.")] = False,
     session: Annotated[Optional[str], typer.Option("--session", "-s", help="Save the final memory as this session (default: 'last').", show_default=False)] = None,
     continue_: Annotated[bool, typer.Option("-c", "--continue", help="Continue from the saved memory of the session, and save back to it.")] = False,
@@ -340,6 +344,7 @@ def generate(
     from wmgen.settings import check_utf8, coerce, state_dir
 
     check_utf8(separator, "--separator")
+    DEBUG["on"] = DEBUG["on"] or debug
     flags = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos,
@@ -476,6 +481,7 @@ def run_generate(lm, text: str, out: Output, *, memory, save_to, from_scratch: b
                         print()  # leave the shell prompt on a line of its own
                     if out.stats:
                         warn_line(stats_line(event))
+                        report_kernels(lm)
                 else:
                     writer.write(event)
         except PipeClosed:
@@ -489,6 +495,12 @@ def run_generate(lm, text: str, out: Output, *, memory, save_to, from_scratch: b
             save_memory(save_to, memory)
             raise
         signals.exit_if_received(out.quiet)
+
+
+def report_kernels(lm) -> None:
+    """With --debug (or WMGEN_DEBUG), which kernels ran and how they were chosen."""
+    if DEBUG["on"] or os.environ.get("WMGEN_DEBUG"):
+        warn_line(f"kernels: {lm.kernels}")
 
 
 def warn_line(text: str) -> None:
@@ -586,6 +598,7 @@ def run_many(settings, prompts, out: Output, *, from_scratch: bool, batch_size: 
             elapsed = perf_counter() - t0
             rate = total / elapsed if elapsed else 0.0
             warn_line(f"{len(prompts)} prompts · generated {total} tokens · {elapsed:.2f} s · {rate:.1f} tokens/s in all")
+            report_kernels(lm)
         signals.exit_if_received(out.quiet)
 
 

@@ -1,8 +1,9 @@
 """GPT-2 forward pass over a preallocated key/value store.
 
-The weights are the checkpoint's own tensors, used in place: GPT-2's `Conv1D`
-layers store `[in, out]` matrices, so projections are `addmm(bias, x, W)` and no
-weight is transposed or copied. The key/value store is allocated once for a fixed
+The weights are the checkpoint's own tensors, used in place where the kernel that
+runs fastest here takes them as they are (GPT-2's `Conv1D` layers store `[in, out]`
+matrices, which `addmm` reads), else converted once to its layout, which replaces
+them (see `wmgen.kernels`). The key/value store is allocated once for a fixed
 number of slots; a forward pass over tokens at slots `start..start+T-1` writes
 their keys and values there and attends to slots `0..start+T-1`.
 """
@@ -11,11 +12,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from wmgen import kernels
+from wmgen.kernels import Choice
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -47,37 +53,51 @@ def _can_pack() -> bool:
 
 
 class Linear:
-    """`x @ W + b` for GPT-2's `[in, out]` (Conv1D) weights, `x` of shape `[N, in]`.
-
-    On the CPU in float32 the weight is repacked once into oneDNN's blocked layout,
-    which a batch-1 step reads ~20% faster than `addmm` reads the plain matrix, and
-    which serves a few batched rows for little more than the cost of one. The packed
-    weight replaces the original: there is still one copy.
+    """`x @ W + b` for GPT-2's `[in, out]` (Conv1D) weights, `x` of shape `[N, in]`,
+    by one of the kernels `wmgen.kernels` chooses between: `addmm` on the
+    checkpoint's own matrix, `linear` on a contiguous `[out, in]` copy, or `packed`
+    in oneDNN's blocked layout (which also serves a few batched rows for little more
+    than the cost of one). A copy or packed weight replaces the original: there is
+    still one copy. `bias` may be None (the output head).
     """
 
     PACK = _can_pack()
 
-    def __init__(self, weight: Tensor, bias: Tensor, *, rows: int = 1):
+    def __init__(self, weight: Tensor, bias: Tensor | None, *, kernel: str = "addmm", rows: int = 1):
+        self.kernel = kernel
         self.bias = bias
-        self.packed = None
-        self.weight = weight
-        if self.PACK and weight.device.type == "cpu" and weight.dtype == torch.float32:
+        self.weight = self.packed = None
+        if kernel == "packed":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.t(), rows)  # rows: a layout hint
-            self.weight = None
+        elif kernel == "linear":
+            self.weight = weight.t().contiguous()  # [out, in]
+        else:
+            self.weight = weight
+
+    @classmethod
+    def kernels(cls, device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+        """The kernels that run here, the default first."""
+        packed = cls.PACK and device.type == "cpu" and dtype == torch.float32
+        return ("addmm", "linear", "packed") if packed else ("addmm", "linear")
 
     def __call__(self, x: Tensor, group: int = 0) -> Tensor:
         """`group` is for `Int8Linear`'s sake: float32 rows never affect each other."""
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return torch.addmm(self.bias, x, self.weight)
+        if self.kernel == "linear":
+            return F.linear(x, self.weight, self.bias)
+        return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
 
     def dense(self) -> Tensor:
-        """The weight as an `[in, out]` matrix (for checks, not for speed)."""
-        return self.weight if self.packed is None else self.packed.to_dense().t()
+        """The weight as an `[in, out]` matrix (a view unless packed)."""
+        if self.packed is not None:
+            return self.packed.to_dense().t()
+        return self.weight.t() if self.kernel == "linear" else self.weight
 
     @property
     def nbytes(self) -> int:
-        return (self.packed if self.packed is not None else self.weight).nbytes + self.bias.nbytes
+        bias = self.bias.nbytes if self.bias is not None else 0
+        return (self.packed if self.packed is not None else self.weight).nbytes + bias
 
 
 def int8_available() -> bool:
@@ -87,44 +107,96 @@ def int8_available() -> bool:
 
 def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric int8 per row of `w` `[out, in]`: the int8 matrix and one float32
-    scale per row, `w ≈ q * scale[:, None]`."""
+    scale per row, `w ≈ q * scale[:, None]`. The int8 matrix is contiguous whatever
+    the layout of `w` (kernels that read it in place need its rows)."""
     scale = (w.abs().amax(1).float() / 127).clamp(min=torch.finfo(torch.float32).tiny)
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale
 
 
 class Int8Linear:
-    """`x @ W + b` with `W` in int8, one scale per output channel, through fbgemm's
-    dynamic kernel: each call quantizes `x` to 7 bits (so the AVX2 int8 dot products
-    cannot saturate), multiplies in int32 and returns float32. A quarter of the
-    bytes of float32 for a batch-1 step to read; results differ from float32 by
-    quantization error (measured in the README).
+    """`x @ W + b` with `W` in int8, one scale per output channel, by one of the
+    kernels `wmgen.kernels` chooses between. A quarter of the bytes of float32 for a
+    batch-1 step to read; results differ from float32 by quantization error
+    (measured in the README).
 
-    Rows that share a call share one activation scale. So rows are quantized in
-    groups of `group` (a prompt's tokens: ~30% less error than one scale for a
-    whole window, at the same speed), and independent sequences one row at a time
-    (`group=1`), so that a row's result never depends on the rows beside it.
+    `fbgemm` and `onednn` are dynamic: each call quantizes `x` to 7 bits (so int8
+    dot products without VNNI cannot saturate), multiplies in int32 and returns
+    float32. Rows that share a call share one activation scale. So rows are
+    quantized in groups of `group` (a prompt's tokens: ~30% less error than one
+    scale for a whole window, at the same speed), and independent sequences one
+    row at a time (`group=1`), so that a row's result never depends on the rows
+    beside it. `int8pack` multiplies float activations by the int8 weights
+    directly: rows never affect each other, and it reads the matrix in place.
     """
 
     GROUP = 16
 
-    def __init__(self, q: Tensor, scale: Tensor, bias: Tensor):
+    def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None, *, kernel: str = "fbgemm"):
         """From `quantize_rows` of the `[out, in]` weight."""
-        zero = torch.zeros(q.shape[0], dtype=torch.long)
-        with warnings.catch_warnings():  # torch flags quantized tensors as legacy; its kernels are what runs fastest here
-            warnings.simplefilter("ignore", UserWarning)
-            qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
-        self.packed = torch.ops.quantized.linear_prepack(qweight, bias.float())
-        self.nbytes = q.nbytes + scale.nbytes + bias.nbytes
+        self.kernel = kernel
+        self.nbytes = q.nbytes + scale.nbytes + (bias.nbytes if bias is not None else 0)
+        self.q, self.scale, self.bias, self.packed = q, scale, bias, None
+        if kernel != "int8pack":
+            self.packed = _prepack(q, scale, bias, kernel)
+            self.q = self.scale = self.bias = None  # the packed copy is the one kept
 
     @classmethod
-    def from_weight(cls, weight: Tensor, bias: Tensor) -> "Int8Linear":
+    def from_weight(cls, weight: Tensor, bias: Tensor, *, kernel: str = "fbgemm") -> "Int8Linear":
         """From a float `[in, out]` (Conv1D) weight."""
-        return cls(*quantize_rows(weight.t().float()), bias)
+        return cls(*quantize_rows(weight.t().float()), bias, kernel=kernel)
+
+    @staticmethod
+    def kernels() -> tuple[str, ...]:
+        """The kernels that run here, the default first."""
+        engines = torch.backends.quantized.supported_engines if hasattr(torch.ops.quantized, "linear_dynamic") else ()
+        found = {"fbgemm": "fbgemm" in engines, "onednn": "onednn" in engines, "int8pack": hasattr(torch.ops.aten, "_weight_int8pack_mm")}
+        return tuple(name for name, ok in found.items() if ok)
 
     def __call__(self, x: Tensor, group: int = GROUP) -> Tensor:
+        if self.packed is None:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+            return y if self.bias is None else y.add_(self.bias)
         if x.shape[0] <= group:
             return torch.ops.quantized.linear_dynamic(x, self.packed, True)
         return torch.cat([torch.ops.quantized.linear_dynamic(part, self.packed, True) for part in x.split(group)])
+
+
+def _prepack(q: Tensor, scale: Tensor, bias: Tensor | None, engine: str):
+    """`q` and its scales in the layout of the quantized engine `engine` (the engine
+    is torch-wide; it is set back as it was)."""
+    zero = torch.zeros(q.shape[0], dtype=torch.long)
+    before = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = engine
+        with warnings.catch_warnings():  # torch flags quantized tensors as legacy; its kernels are what runs fastest here
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+        return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.float())
+    finally:
+        torch.backends.quantized.engine = before
+
+
+PROJECTIONS = {"c_attn": "attn.c_attn", "c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp_proj": "mlp.c_proj"}
+
+
+def shape_key(args: tuple, int8: bool) -> str:
+    """`in x out` of a projection, from `Linear`'s `[in, out]` weight or `Int8Linear`'s `[out, in]` one."""
+    rows, cols = args[0].shape
+    return f"{cols}x{rows}" if int8 else f"{rows}x{cols}"
+
+
+def head_key(head: tuple, int8: bool) -> str:
+    return "head " + shape_key(head, int8)
+
+
+def head_sample(head: tuple, int8: bool) -> tuple:
+    """Enough of the head (its first output columns) to time it out of cache."""
+    n = max(1, kernels.SAMPLE_WEIGHTS // head[0].shape[1 if int8 else 0])
+    if int8:
+        q, scale, bias = head
+        return q[:n], scale[:n], bias
+    weight, bias = head
+    return weight[:, :n].contiguous(), bias
 
 
 @dataclass
@@ -163,11 +235,17 @@ class KVStore:
 class GPT2:
     """The GPT-2 network as functions over its weight tensors."""
 
-    def __init__(self, config: GPT2Config, weights: dict[str, Tensor], *, int8: bool = False):
+    def __init__(self, config: GPT2Config, weights: dict[str, Tensor], *, int8: bool = False,
+                 forced_kernels: tuple[str, ...] = (), kernel_cache: Path | None = None):  # fmt: skip
         """Takes the tensors out of `weights` as it goes (so that repacked ones can be
         freed at once). With `int8`, every projection and the output head are
         quantized to int8 (`Int8Linear`); layer norms, position embeddings and the
-        keys and values stay float32."""
+        keys and values stay float32.
+
+        Each shape of weight gets the kernel that runs it fastest here (see
+        `wmgen.kernels`), read from `kernel_cache` or measured now and kept there
+        (None: measured, not kept); the first of `forced_kernels` of this kind (float
+        or int8) is used instead where given."""
         self.config = config
         self.int8 = int8
         for name in list(weights):
@@ -177,38 +255,72 @@ class GPT2:
         def pair(prefix: str) -> tuple[Tensor, Tensor]:
             return w.pop(f"{prefix}.weight"), w.pop(f"{prefix}.bias")
 
-        def linear(prefix: str) -> Linear | Int8Linear:
-            return Int8Linear.from_weight(*pair(prefix)) if int8 else Linear(*pair(prefix))
-
         wte = w.pop("wte.weight")  # [V, E], possibly a transposed view
         self.wpe = w.pop("wpe.weight")
-        if int8:
-            # fbgemm packs the head into its own layout, so token embeddings keep
-            # their own int8 rows (dequantized as read): two int8 copies, together
-            # half the bytes of the one float32 matrix.
-            self.embedding, self.embedding_scale = quantize_rows(wte)
-            self._head = Int8Linear(self.embedding, self.embedding_scale, torch.zeros(wte.shape[0]))
-            self.head = None
-        else:
-            # The head stored [E, V]: a batch-1 step reads it ~1.5x faster than [V, E].
-            # Token embeddings are its columns, so there is one copy of the matrix.
-            self.head = wte.t().contiguous()
-        del wte
         self.ln_f = pair("ln_f")
-        self.blocks = [
-            Block(
-                ln_1=pair(f"h.{i}.ln_1"),
-                c_attn=linear(f"h.{i}.attn.c_attn"),
-                c_proj=linear(f"h.{i}.attn.c_proj"),
-                ln_2=pair(f"h.{i}.ln_2"),
-                c_fc=linear(f"h.{i}.mlp.c_fc"),
-                mlp_proj=linear(f"h.{i}.mlp.c_proj"),
-            )
-            for i in range(config.n_layer)
-        ]
+        norms = [(pair(f"h.{i}.ln_1"), pair(f"h.{i}.ln_2")) for i in range(config.n_layer)]
+        layers = [{part: pair(f"h.{i}.{path}") for part, path in PROJECTIONS.items()} for i in range(config.n_layer)]
+        if int8:
+            for layer in layers:  # in place: each layer's float weights are freed once quantized
+                for part, (weight, bias) in list(layer.items()):
+                    layer[part] = (*quantize_rows(weight.t().float()), bias)
+            # Token embeddings keep their own int8 rows (dequantized as read); the
+            # head reads them in place (int8pack) or packs a copy of its own (two
+            # int8 copies, together half the bytes of the one float32 matrix).
+            self.embedding, self.embedding_scale = quantize_rows(wte)
+            head = (self.embedding, self.embedding_scale, None)
+        else:
+            # Token embeddings are the head's columns ([E, V]) or rows ([V, E]), so
+            # there is one copy of the matrix.
+            head = (wte.t().contiguous(), None)
+        del wte
+        self.kernels, measured = self._choose_kernels(layers, head, forced_kernels, kernel_cache)
+        chosen = self.kernels.kernels
+        ready = {key: iter(made) for key, made in measured.items()}  # built while measuring: layers in order
+        del measured
+        build = Int8Linear if int8 else Linear
+        self._head = build(*head, kernel=chosen[head_key(head, int8)])
+        del head
+        self.blocks = []
+        for i, (ln_1, ln_2) in enumerate(norms):
+            layer, layers[i] = layers[i], None  # each source freed as soon as it is converted
+            made = {}
+            for part, args in layer.items():
+                key = shape_key(args, int8)
+                made[part] = next(ready.get(key, iter(())), None) or build(*args, kernel=chosen[key])
+            self.blocks.append(Block(ln_1=ln_1, ln_2=ln_2, **made))
         self._batch_head: Linear | bool | None = None
         self.activation = ACTIVATIONS[config.activation_function]
         self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    def _choose_kernels(self, layers: list[dict], head: tuple, forced: tuple[str, ...], cache: Path | None) -> tuple[Choice, dict]:
+        """A kernel per shape of projection and for the head, and the projections
+        built while measuring (see `wmgen.kernels.choose`)."""
+        int8 = self.int8
+        if int8:
+            candidates = head_candidates = Int8Linear.kernels()
+            build, tolerance, kind = Int8Linear, 0.05, kernels.INT8  # dynamic and static activations differ by ~2%
+        else:
+            candidates = Linear.kernels(self.device, self.dtype)
+            head_candidates = tuple(k for k in candidates if k != "packed")  # embeddings read the head's plain matrix
+            build, tolerance, kind = Linear, 1e-5, kernels.FLOAT
+
+        def role(key: str, options: tuple[str, ...], inputs: int, samples: Callable[[], list[tuple]]) -> kernels.Role:
+            return kernels.Role(key, options, inputs, samples, lambda kernel, *args: build(*args, kernel=kernel), tolerance, self.dtype)
+
+        groups: dict[str, list[tuple]] = {}
+        for layer in layers:
+            for args in layer.values():
+                groups.setdefault(shape_key(args, int8), []).append(args)
+        inputs = 1 if int8 else 0  # the dimension of a weight that `x` meets
+        roles = [role(key, candidates, group[0][0].shape[inputs], lambda g=group: kernels.sample(g, g[0][0].numel()))
+                 for key, group in groups.items()]  # fmt: skip
+        roles.append(role(head_key(head, int8), head_candidates, head[0].shape[inputs], lambda: [head_sample(head, int8)]))
+        weights = head[0].numel() + sum(args[0].numel() for group in groups.values() for args in group)
+        unmeasured = ("kernels are measured on the CPU only" if self.device.type != "cpu" else
+                      "a model this small is not measured" if weights < kernels.SMALL_WEIGHTS else "")  # fmt: skip
+        return kernels.choose(roles, dtype="int8" if int8 else str(self.dtype).removeprefix("torch."),
+                              forced=next((k for k in forced if k in kind), None), cache=cache, unmeasured=unmeasured)  # fmt: skip
 
     @property
     def dtype(self) -> torch.dtype:
@@ -220,12 +332,17 @@ class GPT2:
         return self.wpe.device
 
     @property
+    def head(self) -> Tensor | None:
+        """The output head as an `[E, V]` matrix (None in int8 mode)."""
+        return None if self.int8 else self._head.dense()
+
+    @property
     def nbytes(self) -> int:
         """Bytes of weights held."""
         if self.int8:
-            head = self._head.nbytes + self.embedding.nbytes + self.embedding_scale.nbytes
+            head = self.embedding.nbytes + self.embedding_scale.nbytes + (self._head.nbytes if self._head.packed is not None else 0)
         else:
-            head = self.head.nbytes
+            head = self._head.nbytes
         total = head + sum(t.nbytes for t in (self.wpe, *self.ln_f))
         for b in self.blocks:
             total += sum(t.nbytes for t in (*b.ln_1, *b.ln_2)) + sum(m.nbytes for m in (b.c_attn, b.c_proj, b.c_fc, b.mlp_proj))
@@ -328,14 +445,14 @@ class GPT2:
         """Token embeddings `[N, E]` for `ids` `[N]` (the columns of the tied head)."""
         if self.int8:
             return self.embedding[ids].float() * self.embedding_scale[ids, None]
-        return self.head[:, ids].t()
+        if self._head.kernel == "linear":
+            return self._head.weight[ids]  # [V, E]: rows
+        return self._head.weight[:, ids].t()
 
     def logits(self, hidden: Tensor, group: int = Int8Linear.GROUP) -> Tensor:
         """Next-token logits from hidden states (the head is tied to `wte`); `group`
         as for `Int8Linear`."""
-        if self.int8:
-            return self._head(hidden.reshape(-1, hidden.shape[-1]), group).view(*hidden.shape[:-1], -1)
-        return hidden @ self.head
+        return self._head(hidden.reshape(-1, hidden.shape[-1]), group).view(*hidden.shape[:-1], -1)
 
     def batch_logits(self, hidden: Tensor) -> Tensor:
         """`logits` for a few rows at once. Through a oneDNN-packed copy of the head,
@@ -345,11 +462,9 @@ class GPT2:
         if self.int8:
             return self.logits(hidden, group=1)  # rows are sequences
         if self._batch_head is None:
-            zeros = torch.zeros(self.head.shape[1], dtype=self.dtype, device=self.device)
-            self._batch_head = Linear(self.head, zeros, rows=8)
-            if self._batch_head.packed is None:  # no oneDNN here: share the plain matrix
-                self._batch_head = False
-        if self._batch_head is False:
+            packs = "packed" in Linear.kernels(self.device, self.dtype)
+            self._batch_head = Linear(self.head, None, kernel="packed", rows=8) if packs else False
+        if self._batch_head is False:  # no oneDNN here: share the plain matrix
             return self.logits(hidden)
         return self._batch_head(hidden)
 

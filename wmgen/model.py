@@ -232,8 +232,10 @@ def check_int8(device: str) -> None:
         raise UsageError("--dtype int8 needs torch's fbgemm int8 kernels (x86 CPUs), which this torch lacks; use --dtype float32")
 
 
-def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto"):
-    """The network (`GPT2`) of the checkpoint `info` describes, on `device` in `dtype`."""
+def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto", forced_kernels: tuple[str, ...] = (),
+               kernel_cache: Path | None = None):  # fmt: skip
+    """The network (`GPT2`) of the checkpoint `info` describes, on `device` in `dtype`;
+    `forced_kernels` and `kernel_cache` as `GPT2` takes them."""
     from wmgen.gpt2 import GPT2, GPT2Config
 
     device = "cpu" if dtype == "int8" and device == "auto" else resolve_device(device)
@@ -263,7 +265,7 @@ def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto"):
         check = lambda tensors: check_weights(info, weights_path, tensors)  # noqa: E731
         weights = read_safetensors(weights_path, dtype=torch_dtype, device=device, transpose=tied, check=check)
         try:
-            return GPT2(config, weights, int8=dtype == "int8")
+            return GPT2(config, weights, int8=dtype == "int8", forced_kernels=forced_kernels, kernel_cache=kernel_cache)
         except KeyError as e:
             raise ModelError(f"{weights_path} lacks the GPT-2 weight {e}") from None
 

@@ -26,8 +26,8 @@ from wmgen.errors import UsageError
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 
-# `WMGEN_*` variables that are not settings. KERNELS is read by code still to come;
-# it is listed now so that setting it is not called a typo.
+# `WMGEN_*` variables that are not settings (KERNELS forces the kernels a model
+# runs through; see wmgen.kernels).
 OTHER_VARIABLES = ("WMGEN_HOME", "WMGEN_DEBUG", "WMGEN_KERNELS")
 POLICIES = ("oldest", "boundary", "attention")  # wmgen.policies.POLICIES, without importing it
 
@@ -129,6 +129,23 @@ def state_dir(env: Mapping[str, str]) -> Path:
     import platformdirs
 
     return Path(platformdirs.user_state_dir("wmgen"))
+
+
+def kernel_cache(env: Mapping[str, str]) -> Path:
+    """The file that remembers which kernels run fastest on this machine."""
+    if (h := home(env)) is not None:
+        return h / "cache" / "kernels.json"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("wmgen")) / "kernels.json"
+
+
+def forced_kernels(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The kernels `WMGEN_KERNELS` forces (see `wmgen.kernels`); none when unset."""
+    from wmgen.kernels import parse
+
+    text = env.get("WMGEN_KERNELS", "")
+    return parse(text, "WMGEN_KERNELS") if text else ()
 
 
 def preset_folder():

@@ -1,0 +1,305 @@
+"""Kernels chosen by measuring them: every candidate computes the same network, a
+choice can be forced, and the cache of choices is keyed, written whole and survives
+being broken.
+
+Nothing here asserts on time: measuring is checked by what it decides and records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import SAMPLE_TEXT, ok, one_line_error
+from wmgen import kernels
+from wmgen.cli import app
+from wmgen.errors import UsageError
+from wmgen.gpt2 import Int8Linear, Linear, int8_available
+from wmgen.memory import MemoryBatch, WorkingMemory
+from wmgen.model import load_model, load_tokenizer
+from wmgen.settings import kernel_cache
+
+runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FLOAT_HERE = Linear.kernels(torch.device("cpu"), torch.float32)
+INT8_HERE = Int8Linear.kernels() if int8_available() else ()
+
+
+def load(tiny_dir, dtype: str = "float32", **options):
+    info, _ = load_tokenizer(str(tiny_dir))
+    return load_model(info, device="cpu", dtype=dtype, **options)
+
+
+@pytest.fixture
+def measured_here(monkeypatch):
+    """Measure even the tiny model, and take the machine for a quiet one (whatever
+    else runs beside the tests), so that a measurement is always kept."""
+    monkeypatch.setattr(kernels, "SMALL_WEIGHTS", 0)
+    monkeypatch.setattr(kernels, "threads_share", lambda: 1.0)
+
+
+def text_ids(tokenizer, n: int) -> list[int]:
+    ids = tokenizer.encode(SAMPLE_TEXT * 4)
+    return ids[:n]
+
+
+@torch.inference_mode()
+def stepped_logits(model, ids: list[int]) -> torch.Tensor:
+    """Logits after each of `ids[3:]`: the first four read at once, then one token a step."""
+    memory = WorkingMemory(model, 64)
+    rows = [memory.read(ids[:4])[0]]
+    rows += [memory.append(token) for token in ids[4:]]
+    return torch.stack(rows)
+
+
+@torch.inference_mode()
+def fresh_logits(model, ids: list[int]) -> torch.Tensor:
+    hidden = model.forward(torch.tensor([ids]), 0, model.new_store(len(ids)))
+    return model.logits(hidden[0]).float()
+
+
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    p, q = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+# --- every candidate computes the same network ------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", FLOAT_HERE)
+def test_every_float_kernel_gives_the_logits_of_transformers(tiny_dir, hf_model, loaded, kernel):
+    model = load(tiny_dir, forced_kernels=(kernel,))
+    assert model.kernels.how == "forced"
+    assert {b.c_fc.kernel for b in model.blocks} == {kernel}
+    assert model._head.kernel == (kernel if kernel != "packed" else "addmm"), "a packed head could not give embeddings"
+    ids = loaded[1].encode("The lighthouse keeper climbed the stairs every evening.")
+    with torch.no_grad():
+        expected = hf_model(torch.tensor([ids])).logits[0, 3:]
+    torch.testing.assert_close(stepped_logits(model, ids), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.embed(torch.tensor(ids)), hf_model.transformer.wte.weight[ids], atol=0, rtol=0)
+    assert model.nbytes == sum(p.nbytes for p in hf_model.parameters()), "one copy of every weight, whatever the kernel"
+
+
+@pytest.mark.parametrize("kernel", INT8_HERE)
+def test_every_int8_kernel_stays_within_the_int8_bounds_of_float32(tiny_dir, loaded, kernel):
+    exact_model, tokenizer, _ = loaded
+    model = load(tiny_dir, "int8", forced_kernels=(kernel,))
+    assert {b.c_attn.kernel for b in model.blocks} == {kernel} and model._head.kernel == kernel
+    ids = text_ids(tokenizer, exact_model.config.n_positions)
+    exact, approx = fresh_logits(exact_model, ids), fresh_logits(model, ids)
+    divergence = kl(exact, approx)
+    # the bounds of tests/test_int8.py (measured there for fbgemm: mean 3.3e-4, max 7.8e-4 nats)
+    assert float(divergence.mean()) < 2e-3, f"mean KL {float(divergence.mean()):.2e}"
+    assert float(divergence.max()) < 5e-3, f"max KL {float(divergence.max()):.2e}"
+    assert float((exact - approx).abs().max()) > 1e-3, "int8 logits equal float32: nothing was quantized"
+    assert model.nbytes < 0.6 * exact_model.nbytes
+
+
+@pytest.mark.parametrize("dtype, kernel", [("float32", k) for k in FLOAT_HERE] + [("int8", k) for k in INT8_HERE])
+def test_with_every_kernel_batched_rows_get_what_they_get_alone(tiny_dir, loaded, dtype, kernel):
+    model, tokenizer, _ = loaded
+    model = load(tiny_dir, dtype, forced_kernels=(kernel,))
+    prompts = [tokenizer.encode(t) for t in ("Once", "The lighthouse keeper climbed", "def fib(n):")]
+    batch = MemoryBatch(model, len(prompts), capacity=16, keep=1, evict=4)
+    alone = [WorkingMemory(model, 16, 1, 4) for _ in prompts]
+    got = [m.read(p)[0] for m, p in zip(batch.rows, prompts)]
+    want = [m.read(p)[0] for m, p in zip(alone, prompts)]
+    for _ in range(20):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        tokens = [int(w.argmax()) for w in want]
+        got = list(batch.append(tokens, [None] * len(tokens)))
+        want = [m.append(t) for m, t in zip(alone, tokens)]
+    assert any(m.counters.evictions for m in alone)
+
+
+def test_a_kernel_with_other_results_is_never_chosen_however_fast(measured_here):
+    g = torch.Generator().manual_seed(0)
+    weights = [(torch.randn(64, 32, generator=g), torch.randn(32, generator=g)) for _ in range(3)]
+    slow_and_right = lambda w, b: lambda x: [torch.addmm(b, x, w) for _ in range(20)][-1]  # noqa: E731
+    fast_and_wrong = lambda w, b: lambda x: x @ w  # noqa: E731 (no bias)
+    role = kernels.Role("64x32", ("right", "wrong"), 64, lambda: weights,
+                        lambda kernel, w, b: (slow_and_right if kernel == "right" else fast_and_wrong)(w, b), 1e-5)  # fmt: skip
+    timings, _, _ = kernels.measure_roles([role])
+    assert set(timings["64x32"]) == {"right"}
+
+
+# --- forcing ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("linear", ("linear",)), ("packed", ("packed",)), ("int8pack", ("int8pack",)),
+    ("linear,onednn", ("linear", "onednn")), (" fbgemm , addmm ", ("fbgemm", "addmm")),
+])  # fmt: skip
+def test_kernel_choices_that_parse(text, expected):
+    assert kernels.parse(text) == expected
+
+
+@pytest.mark.parametrize("text", ["fast", "LINEAR", "linear,", "addmm,linear", "fbgemm,onednn", "linear,onednn,addmm", "a\nb"])
+def test_kernel_choices_that_do_not_parse_name_the_variable_and_the_kernels(text):
+    with pytest.raises(UsageError) as e:
+        kernels.parse(text)
+    message = str(e.value)
+    assert message.startswith("WMGEN_KERNELS: ") and "\n" not in message
+    assert all(name in message for name in kernels.FLOAT + kernels.INT8)
+
+
+def test_forcing_through_the_variable_runs_that_kernel_and_says_so(tiny_dir, monkeypatch):
+    monkeypatch.setenv("WMGEN_KERNELS", "linear,int8pack" if "int8pack" in INT8_HERE else "linear")
+    args = ["generate", "hello", "-m", str(tiny_dir), "-n", "3", "-t", "0", "--no-save", "--stats", "--debug"]
+    result = runner.invoke(app, args)
+    assert ok(result).strip()
+    line = [x for x in result.stderr.splitlines() if x.startswith("kernels: ")]
+    assert line == ["kernels: float32 64x192 linear · 64x64 linear · 64x256 linear · 256x64 linear · "
+                    f"head 64x{load_tokenizer(str(tiny_dir))[0].vocab_size} linear (forced)"], result.stderr  # fmt: skip
+    if "int8pack" in INT8_HERE:
+        result = runner.invoke(app, [*args, "--dtype", "int8"])
+        assert ok(result).strip() and "kernels: int8 64x192 int8pack · " in result.stderr and "(forced)" in result.stderr
+
+
+def test_a_bad_kernel_choice_is_a_one_line_usage_error(tiny_dir, monkeypatch):
+    monkeypatch.setenv("WMGEN_KERNELS", "fastest")
+    line = one_line_error(runner.invoke(app, ["generate", "hello", "-m", str(tiny_dir), "--no-save"]), 2)
+    assert line.startswith("wmgen: error: WMGEN_KERNELS: 'fastest' is not a kernel choice"), line
+    assert "addmm, linear, packed, fbgemm, onednn, int8pack" in line
+
+
+def test_a_forced_kernel_that_cannot_run_here_is_a_one_line_usage_error(tiny_dir, monkeypatch):
+    monkeypatch.setattr(Linear, "PACK", False)  # as where torch has no oneDNN
+    monkeypatch.setenv("WMGEN_KERNELS", "packed")
+    line = one_line_error(runner.invoke(app, ["generate", "hello", "-m", str(tiny_dir), "--no-save"]), 2)
+    assert line == "wmgen: error: the forced kernel 'packed' does not run float32 weights here; use one of addmm, linear"
+
+
+def test_the_library_forces_kernels_with_an_argument_and_checks_it(tiny_dir):
+    import wmgen
+
+    assert wmgen.load(str(tiny_dir), kernels="linear").kernels.how == "forced"
+    with pytest.raises(UsageError, match="^kernels: 'quick' is not a kernel choice"):
+        wmgen.load(str(tiny_dir), kernels="quick")
+
+
+def test_a_kernel_of_the_other_kind_leaves_the_choice_to_measuring(tiny_dir):
+    model = load(tiny_dir, forced_kernels=("fbgemm",))  # an int8 kernel, for a float32 model
+    assert model.kernels.how == "default" and "small" in model.kernels.note
+
+
+# --- measuring and the cache ---------------------------------------------------------------
+
+
+def test_a_measured_choice_is_saved_and_read_back_the_next_time(tiny_dir, tmp_path, measured_here):
+    cache = tmp_path / "cache" / "kernels.json"
+    first = load(tiny_dir, kernel_cache=cache)
+    assert first.kernels.how == "measured" and first.kernels.saved and not first.kernels.note
+    assert set(first.kernels.timings) == set(first.kernels.kernels)
+    assert all(first.kernels.timings[key][kernel] > 0 for key, kernel in first.kernels.kernels.items())
+    data = json.loads(cache.read_text())
+    assert data["version"] == 1 and len(data["kernels"]) == 5
+    assert all(key.startswith(kernels.machine_key("float32")) for key in data["kernels"])
+    second = load(tiny_dir, kernel_cache=cache)
+    assert second.kernels.how == "cached" and second.kernels.kernels == first.kernels.kernels
+    assert [p.name for p in cache.parent.iterdir()] == ["kernels.json"], "a temporary file was left behind"
+
+
+def test_the_cached_choice_is_the_one_used(tiny_dir, tmp_path, measured_here):
+    cache = tmp_path / "kernels.json"
+    keys = load(tiny_dir, kernel_cache=cache).kernels.kernels
+    prefix = kernels.machine_key("float32")
+    cache.write_text(json.dumps({"version": 1, "kernels": {f"{prefix} · {key}": {"kernel": "linear"} for key in keys}}))
+    model = load(tiny_dir, kernel_cache=cache)
+    assert model.kernels.how == "cached" and set(model.kernels.kernels.values()) == {"linear"}
+    assert {b.c_attn.kernel for b in model.blocks} == {"linear"} and model._head.kernel == "linear"
+
+
+@pytest.mark.parametrize("change", ["cpu", "threads", "torch", "dtype"])
+def test_another_machine_thread_count_torch_or_dtype_measures_again(tiny_dir, tmp_path, measured_here, monkeypatch, change):
+    cache = tmp_path / "kernels.json"
+    load(tiny_dir, kernel_cache=cache)
+    if change == "cpu":
+        monkeypatch.setattr(kernels, "cpu_model", lambda: "Another CPU")
+    elif change == "threads":
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    elif change == "torch":
+        monkeypatch.setattr(torch, "__version__", "9.9.9")
+    dtype = "int8" if change == "dtype" else "float32"
+    if dtype == "int8" and not INT8_HERE:
+        pytest.skip("no int8 kernels in this torch")
+    again = load(tiny_dir, dtype, kernel_cache=cache)
+    assert again.kernels.how == "measured" and again.kernels.saved
+    assert len(json.loads(cache.read_text())["kernels"]) == 10, "the first machine's entries are kept beside the new ones"
+    assert load(tiny_dir, dtype, kernel_cache=cache).kernels.how == "cached"
+
+
+@pytest.mark.parametrize("content", [
+    b"{not json", b"\xff\xfe\x00garbage", b"", b"[1, 2, 3]", b'{"version": 99, "kernels": {}}',
+    b'{"version": 1, "kernels": []}', b'{"version": 1, "kernels": {"x": 1}}',
+])  # fmt: skip
+def test_a_broken_cache_file_is_ignored_and_replaced(tiny_dir, tmp_path, measured_here, content):
+    cache = tmp_path / "kernels.json"
+    cache.write_bytes(content)
+    model = load(tiny_dir, kernel_cache=cache)
+    assert model.kernels.how == "measured" and model.kernels.saved
+    assert len(json.loads(cache.read_text())["kernels"]) >= 5
+    assert load(tiny_dir, kernel_cache=cache).kernels.how == "cached"
+
+
+def test_a_cached_kernel_that_no_longer_runs_is_measured_again(tiny_dir, tmp_path, measured_here, monkeypatch):
+    cache = tmp_path / "kernels.json"
+    keys = load(tiny_dir, kernel_cache=cache).kernels.kernels
+    prefix = kernels.machine_key("float32")
+    cache.write_text(json.dumps({"version": 1, "kernels": {f"{prefix} · {key}": {"kernel": "packed"} for key in keys}}))
+    monkeypatch.setattr(Linear, "PACK", False)
+    model = load(tiny_dir, kernel_cache=cache)
+    assert model.kernels.how == "measured" and "packed" not in model.kernels.kernels.values()
+
+
+def test_a_cache_that_cannot_be_written_costs_only_the_saving(tiny_dir, tmp_path, measured_here):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    model = load(tiny_dir, kernel_cache=blocker / "kernels.json")
+    assert model.kernels.how == "measured" and not model.kernels.saved
+    assert model.kernels.note.startswith(f"not saved in {blocker / 'kernels.json'}")
+
+
+def test_a_cache_path_that_is_a_folder_is_survived(tiny_dir, tmp_path, measured_here):
+    cache = tmp_path / "kernels.json"
+    cache.mkdir()
+    model = load(tiny_dir, kernel_cache=cache)
+    assert model.kernels.how == "measured" and not model.kernels.saved
+    assert model.kernels.note.startswith(f"ignored {cache}: is a folder") and f"not saved in {cache}" in model.kernels.note
+
+
+def test_a_busy_machine_gets_the_defaults_and_saves_nothing(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "SMALL_WEIGHTS", 0)
+    monkeypatch.setattr(kernels, "threads_share", lambda: 0.5)
+    cache = tmp_path / "kernels.json"
+    model = load(tiny_dir, kernel_cache=cache)
+    assert model.kernels.how == "measured" and "busy" in model.kernels.note
+    assert set(model.kernels.kernels.values()) == {"addmm"} and not cache.exists()
+
+
+def test_a_small_model_is_not_measured(tiny_dir, tmp_path):
+    model = load(tiny_dir, kernel_cache=tmp_path / "kernels.json")
+    assert model.kernels.how == "default" and set(model.kernels.kernels.values()) == {"addmm"}
+    assert not (tmp_path / "kernels.json").exists()
+
+
+# --- the command line --------------------------------------------------------------------
+
+
+def test_stats_with_debug_say_which_kernels_ran_and_how_they_were_chosen(tiny_dir, measured_here, monkeypatch):
+    args = ["generate", "hello", "-m", str(tiny_dir), "-n", "3", "-t", "0", "--no-save", "--stats"]
+    first, second = runner.invoke(app, [*args, "--debug"]), runner.invoke(app, [*args, "--debug"])
+    cache = kernel_cache(os.environ)
+    assert "(measured now in " in first.stderr and f"saved in {cache})" in first.stderr, first.stderr
+    assert f"(read from {cache})" in second.stderr, second.stderr
+    without = runner.invoke(app, args)
+    assert ok(first) == ok(second) == ok(without), "the report goes to stderr"
+    assert "kernels:" not in without.stderr and "tokens/s" in without.stderr, "the kernels only with --debug"
+    monkeypatch.setenv("WMGEN_DEBUG", "1")
+    assert "kernels: float32 64x192 " in runner.invoke(app, args).stderr
