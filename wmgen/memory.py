@@ -63,7 +63,6 @@ class WorkingMemory:
 
     def _reshape(self, s: Shape) -> None:
         self.shape = s
-        self.capacity, self.keep, self.evict, self.recent = s.capacity, s.keep, s.evict, s.recent
         token_bytes = self.tokenizer.token_bytes if self.tokenizer is not None else None
         self.policy = policies.make(s.policy, keep=s.keep, evict=s.evict, recent=s.recent, token_bytes=token_bytes)
 
@@ -73,6 +72,22 @@ class WorkingMemory:
             evict, policy, recent = self._asked
             self._reshape(shape(self.capacity, prompt_tokens, evict, self.model.config.n_positions, policy=policy, recent=recent))
             self.pin_prompt = False
+
+    @property
+    def capacity(self) -> int:
+        return self.shape.capacity
+
+    @property
+    def keep(self) -> int:
+        return self.shape.keep
+
+    @property
+    def evict(self) -> int:
+        return self.shape.evict
+
+    @property
+    def recent(self) -> int | None:
+        return self.shape.recent
 
     def __len__(self) -> int:
         return len(self.slots)
