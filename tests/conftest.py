@@ -257,3 +257,28 @@ def assert_int8_close(exact, approx) -> None:
     assert float(divergence.max()) < 5e-3, f"max KL {float(divergence.max()):.2e}"
     # float32 runs of the same pass differ by ~1e-6; int8 moves logits by ~0.1
     assert float((exact - approx).abs().max()) > 1e-3, "int8 logits equal float32: nothing was quantized"
+
+
+def assert_rows_match_alone(model, tokenizer, steps: int = 30) -> None:
+    """MemoryBatch: rows with different prompts, evicting at different steps and now
+    and then sitting a step out, each get exactly the logits a WorkingMemory of their
+    own gets (within 1e-4), and end holding the same tokens."""
+    import torch
+
+    from wmgen.memory import MemoryBatch, WorkingMemory
+
+    prompts = [tokenizer.encode(t) for t in ("Once", "The lighthouse keeper climbed the stairs", "def fib(n):")]
+    batch = MemoryBatch(model, len(prompts), capacity=16, keep=1, evict=4)
+    alone = [WorkingMemory(model, 16, 1, 4) for _ in prompts]
+    got = [m.read(p)[0] for m, p in zip(batch.rows, prompts)]
+    want = [m.read(p)[0] for m, p in zip(alone, prompts)]
+    for step in range(steps):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        tokens = [int(w.argmax()) for w in want]
+        tokens[step % 3] = None if step % 7 == 6 else tokens[step % 3]  # a row sits a step out now and then
+        got = list(batch.append(tokens, [None] * len(tokens)))
+        want = [m.append(t) if t is not None else w for m, t, w in zip(alone, tokens, want)]
+        got = [g if t is not None else w for g, t, w in zip(got, tokens, want)]
+    assert [m.tokens for m in batch.rows] == [m.tokens for m in alone]
+    assert any(m.counters.evictions for m in alone), "the rows must have evicted"

@@ -13,6 +13,7 @@ import torch
 from wmgen.generation import Finished, Started, Token, generate
 from wmgen.memory import WorkingMemory
 from wmgen.settings import RunSettings, Sampling
+from conftest import assert_rows_match_alone
 from reference import reference_windows
 
 ATOL, RTOL = 1e-4, 1e-4
@@ -364,23 +365,7 @@ def test_batched_rows_each_get_the_logits_they_get_alone(loaded, dtype, request)
     """MemoryBatch: rows with different prompts, evicting at different steps, each see
     exactly what a WorkingMemory of their own would (in int8 too: no row's activations
     are quantized together with another's)."""
-    from wmgen.memory import MemoryBatch
-
     model, tokenizer, _ = loaded
     if dtype == "int8":
         model = request.getfixturevalue("int8_model")
-    prompts = [tokenizer.encode(t) for t in ("Once", "The lighthouse keeper climbed the stairs", "def fib(n):")]
-    batch = MemoryBatch(model, len(prompts), capacity=16, keep=1, evict=4)
-    alone = [WorkingMemory(model, 16, 1, 4) for _ in prompts]
-    got = [m.read(p)[0] for m, p in zip(batch.rows, prompts)]
-    want = [m.read(p)[0] for m, p in zip(alone, prompts)]
-    for step in range(30):
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
-        tokens = [int(w.argmax()) for w in want]
-        tokens[step % 3] = None if step % 7 == 6 else tokens[step % 3]  # a row sits a step out now and then
-        got = list(batch.append(tokens, [None] * len(tokens)))
-        want = [m.append(t) if t is not None else w for m, t, w in zip(alone, tokens, want)]
-        got = [g if t is not None else w for g, t, w in zip(got, tokens, want)]
-    assert [m.tokens for m in batch.rows] == [m.tokens for m in alone]
-    assert any(m.counters.evictions for m in alone), "the rows must have evicted"
+    assert_rows_match_alone(model, tokenizer)

@@ -14,12 +14,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import assert_int8_close, fresh_logits, ok, one_line_error, text_ids
+from conftest import assert_int8_close, assert_rows_match_alone, fresh_logits, ok, one_line_error, text_ids
 from wmgen import kernels
 from wmgen.cli import app
 from wmgen.errors import UsageError
 from wmgen.gpt2 import Int8Linear, Linear, int8_available
-from wmgen.memory import MemoryBatch, WorkingMemory
+from wmgen.memory import WorkingMemory
 from wmgen.model import load_model, load_tokenizer
 from wmgen.settings import kernel_cache
 
@@ -82,19 +82,7 @@ def test_every_int8_kernel_stays_within_the_int8_bounds_of_float32(tiny_dir, loa
 @pytest.mark.parametrize("dtype, kernel", [("float32", k) for k in FLOAT_HERE] + [("int8", k) for k in INT8_HERE])
 def test_with_every_kernel_batched_rows_get_what_they_get_alone(tiny_dir, loaded, dtype, kernel):
     model, tokenizer, _ = loaded
-    model = load(tiny_dir, dtype, forced_kernels=(kernel,))
-    prompts = [tokenizer.encode(t) for t in ("Once", "The lighthouse keeper climbed", "def fib(n):")]
-    batch = MemoryBatch(model, len(prompts), capacity=16, keep=1, evict=4)
-    alone = [WorkingMemory(model, 16, 1, 4) for _ in prompts]
-    got = [m.read(p)[0] for m, p in zip(batch.rows, prompts)]
-    want = [m.read(p)[0] for m, p in zip(alone, prompts)]
-    for _ in range(20):
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
-        tokens = [int(w.argmax()) for w in want]
-        got = list(batch.append(tokens, [None] * len(tokens)))
-        want = [m.append(t) for m, t in zip(alone, tokens)]
-    assert any(m.counters.evictions for m in alone)
+    assert_rows_match_alone(load(tiny_dir, dtype, forced_kernels=(kernel,)), tokenizer)
 
 
 def test_a_kernel_with_other_results_is_never_chosen_however_fast(measured_here):

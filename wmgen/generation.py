@@ -153,7 +153,8 @@ def run_rows(
         for row in rows:
             if row.reason is not None:
                 continue
-            token = choose(logits[row.index], sampling, row.generator, row.memory.tokens)
+            history = row.memory.tokens if sampling.repetition_penalty != 1 else ()  # only the penalty reads it
+            token = choose(logits[row.index], sampling, row.generator, history)
             if token == eos and not run.ignore_eos:
                 row.reason = "eos"
                 continue
