@@ -18,7 +18,7 @@ from conftest import assert_int8_close, assert_rows_match_alone, fresh_logits, o
 from wmgen import kernels
 from wmgen.cli import app
 from wmgen.errors import UsageError
-from wmgen.gpt2 import Int8Linear, Linear, int8_available
+from wmgen.gpt2 import Int8Linear, Linear, contiguous, int8_available
 from wmgen.memory import WorkingMemory
 from wmgen.model import load_model, load_tokenizer
 from wmgen.settings import kernel_cache
@@ -67,6 +67,17 @@ def test_every_float_kernel_gives_the_logits_of_transformers(tiny_dir, hf_model,
     torch.testing.assert_close(stepped_logits(model, ids), expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(model.embed(torch.tensor(ids)), hf_model.transformer.wte.weight[ids], atol=0, rtol=0)
     assert model.nbytes == sum(p.nbytes for p in hf_model.parameters()), "one copy of every weight, whatever the kernel"
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 1), (5, 3), (64, 7), (65, 130), (200, 64), (1000, 33)])
+def test_a_transposed_matrix_is_laid_out_in_row_major_order_element_for_element(rows, cols):
+    source = torch.randn(rows, cols)
+    copied = contiguous(source.t())
+    assert copied.is_contiguous() and copied.shape == (cols, rows)
+    assert torch.equal(copied, source.t())
+    assert contiguous(source) is source, "a row-major matrix is used in place"
+    strided = source[:, ::2]
+    assert torch.equal(contiguous(strided), strided) and contiguous(strided).is_contiguous()
 
 
 @pytest.mark.parametrize("kernel", INT8_HERE)

@@ -8,9 +8,10 @@ candidate is timed on the model's own weights and the fastest is used. The choic
 kept in a small JSON file, keyed by CPU model, threads, torch version, dtype and
 shape, so later runs pay nothing.
 
-Float kernels (GPT-2 stores `[in, out]` matrices):
-  addmm     `addmm(b, x, W)` on the checkpoint's own `[in, out]` matrix
-  linear    `F.linear` on a contiguous `[out, in]` copy (which replaces the original)
+Float kernels (GPT-2 stores its projections `[in, out]`, and the tied head `[out, in]`;
+a kernel that wants the other layout makes a copy, which replaces the original):
+  addmm     `addmm(b, x, W)` on a row-major `[in, out]` matrix
+  linear    `F.linear` on a row-major `[out, in]` matrix
   packed    oneDNN's blocked layout, CPU float32 only (not for the head: the token
             embeddings read the head's rows, which a packed matrix cannot give)
 int8 kernels (int8 weights with one scale per output channel, float activations):

@@ -260,10 +260,9 @@ def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto", fo
         activation_function=info.activation_function,
         eos_token_id=info.eos_token_id,
     )
-    tied = {"wte.weight", "transformer.wte.weight"}
     with mapped_allocations():
         check = lambda tensors: check_weights(info, weights_path, tensors)  # noqa: E731
-        weights = read_safetensors(weights_path, dtype=torch_dtype, device=device, transpose=tied, check=check)
+        weights = read_safetensors(weights_path, dtype=torch_dtype, device=device, check=check)
         try:
             return GPT2(config, weights, int8=dtype == "int8", forced_kernels=forced_kernels, kernel_cache=kernel_cache)
         except KeyError as e:
@@ -361,7 +360,7 @@ class TensorEntry:
     end: int
 
 
-def read_safetensors(path: Path, *, dtype, device: str, transpose: set[str] = frozenset(), check=None) -> dict:
+def read_safetensors(path: Path, *, dtype, device: str, check=None) -> dict:
     """Tensors from a safetensors file, without reading it into memory first.
 
     The header is checked entry by entry before any tensor is built, and then
@@ -370,9 +369,7 @@ def read_safetensors(path: Path, *, dtype, device: str, transpose: set[str] = fr
     copy-on-write mapping of the file: its pages are read when first touched and
     given back as soon as the tensor is freed (weights repacked at load time leave
     nothing behind: no second copy, no holes in the heap). Tensors converted to
-    another dtype or device are copies. Names in `transpose` are stored transposed
-    (a contiguous `[in, out]` buffer, returned as its `.t()` view), converted row
-    block by row block.
+    another dtype or device are copies.
     """
     import torch
 
@@ -398,10 +395,7 @@ def read_safetensors(path: Path, *, dtype, device: str, transpose: set[str] = fr
                     )
                 stored = getattr(torch, SAFETENSORS_DTYPES[entry.dtype])
                 tensor = _map_tensor(f, base + entry.begin, entry.end - entry.begin, entry.shape, stored)
-                if name in transpose:
-                    out[name] = _transposed(tensor, dtype, device).t()
-                else:
-                    out[name] = tensor.to(device=device, dtype=dtype)
+                out[name] = tensor.to(device=device, dtype=dtype)
             return out
         except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
             raise ModelError(f"cannot read weights from {path}: {one_line(e)}") from None
@@ -481,12 +475,3 @@ def _map_tensor(f, offset: int, nbytes: int, shape, dtype):
     mapping = mmap.mmap(f.fileno(), offset + nbytes - start, offset=start, access=mmap.ACCESS_COPY)
     return torch.frombuffer(mapping, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - start).view(shape)
 
-
-def _transposed(tensor, dtype, device, rows_per_block: int = 4096):
-    import torch
-
-    rows, cols = tensor.shape
-    out = torch.empty((cols, rows), dtype=dtype, device=device)
-    for start in range(0, rows, rows_per_block):
-        out[:, start : start + rows_per_block].copy_(tensor[start : start + rows_per_block].t())
-    return out
