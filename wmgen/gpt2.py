@@ -126,8 +126,10 @@ def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric int8 per row of `w` `[out, in]`: the int8 matrix and one float32
     scale per row, `w ≈ q * scale[:, None]`. The int8 matrix is contiguous whatever
     the layout of `w` (kernels that read it in place need its rows)."""
-    scale = (w.abs().amax(1).float() / 127).clamp(min=torch.finfo(torch.float32).tiny)
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale
+    high, low = w.amax(1), w.amin(1)  # in the layout of `w`: a transposed view is read in place
+    scale = (torch.maximum(high, -low).float() / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.div(w, scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return contiguous(q), scale
 
 
 class Int8Linear:
@@ -160,7 +162,7 @@ class Int8Linear:
     @classmethod
     def from_weight(cls, weight: Tensor, bias: Tensor, *, kernel: str = "fbgemm") -> "Int8Linear":
         """From a float `[in, out]` (Conv1D) weight."""
-        return cls(*quantize_rows(weight.t().float()), bias, kernel=kernel)
+        return cls(*quantize_rows(weight.t()), bias, kernel=kernel)
 
     @staticmethod
     def kernels() -> tuple[str, ...]:
@@ -280,7 +282,7 @@ class GPT2:
         if int8:
             for layer in layers:  # in place: each layer's float weights are freed once quantized
                 for part, (weight, bias) in list(layer.items()):
-                    layer[part] = (*quantize_rows(weight.t().float()), bias)
+                    layer[part] = (*quantize_rows(weight.t()), bias)
             # Token embeddings keep their own int8 rows (dequantized as read); the
             # head reads them in place (int8pack) or packs a copy of its own (two
             # int8 copies, together half the bytes of the one float32 matrix).
