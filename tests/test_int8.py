@@ -64,6 +64,15 @@ def test_quantize_rows_round_trips_each_row_to_within_half_a_step():
     assert (q[nonzero].abs().amax(1) == 127).all(), "each row's largest weight should use the full int8 range"
 
 
+def test_quantize_rows_reads_a_transposed_view_as_its_row_major_copy():
+    g = torch.Generator().manual_seed(2)
+    stored = torch.randn(300, 70, generator=g) * torch.linspace(0.01, 5.0, 70)  # [in, out], as GPT-2 stores it
+    q, scale = quantize_rows(stored.t())
+    q_copy, scale_copy = quantize_rows(stored.t().contiguous())
+    assert q.is_contiguous() and q.shape == (70, 300)
+    assert torch.equal(q, q_copy) and torch.equal(scale, scale_copy)
+
+
 def test_int8_linear_is_x_at_w_plus_b_to_int8_accuracy():
     g = torch.Generator().manual_seed(1)
     weight, bias = torch.randn(256, 1024, generator=g), torch.randn(1024, generator=g)  # [in, out], as GPT-2 stores it
