@@ -18,7 +18,7 @@ from conftest import assert_int8_close, assert_rows_match_alone, fresh_logits, o
 from wmgen import kernels
 from wmgen.cli import app
 from wmgen.errors import UsageError
-from wmgen.gpt2 import Int8Linear, Linear, contiguous, int8_available
+from wmgen.gpt2 import Int8Linear, Linear, contiguous, convert, int8_available, quantized_engine
 from wmgen.memory import WorkingMemory
 from wmgen.model import load_model, load_tokenizer
 from wmgen.settings import kernel_cache
@@ -78,6 +78,47 @@ def test_a_transposed_matrix_is_laid_out_in_row_major_order_element_for_element(
     assert contiguous(source) is source, "a row-major matrix is used in place"
     strided = source[:, ::2]
     assert torch.equal(contiguous(strided), strided) and contiguous(strided).is_contiguous()
+
+
+def test_conversions_two_at_a_time_come_back_in_order_and_let_each_source_go():
+    import gc
+    import weakref
+
+    class Source:
+        def __init__(self, n):
+            self.n = n
+
+    sources = [Source(n) for n in range(9)]
+    watched = [weakref.ref(s) for s in sources]
+    jobs = [(n, f"part{n}", source) for n, source in enumerate(sources)]
+    del sources
+    done = convert(jobs, lambda source: source.n * 10, threads=2)
+    assert done == [(n, f"part{n}", n * 10) for n in range(9)]
+    assert jobs == [None] * 9
+    gc.collect()
+    assert all(ref() is None for ref in watched), "no conversion keeps its source"
+
+
+def test_a_failed_conversion_raises_in_the_caller():
+    def work(n):
+        if n == 5:
+            raise ValueError("cannot convert 5")
+        return n
+
+    with pytest.raises(ValueError, match="cannot convert 5"):
+        convert([(n, n) for n in range(8)], work, threads=2)
+
+
+@pytest.mark.skipif(len(INT8_HERE) < 2 or "onednn" not in INT8_HERE, reason="needs a second quantized engine")
+def test_the_quantized_engine_is_set_back_as_it_was():
+    before = torch.backends.quantized.engine
+    other = "onednn" if before != "onednn" else "fbgemm"
+    with quantized_engine(other):
+        assert torch.backends.quantized.engine == other
+    assert torch.backends.quantized.engine == before
+    with pytest.raises(RuntimeError), quantized_engine(other):
+        raise RuntimeError("packing failed")
+    assert torch.backends.quantized.engine == before
 
 
 @pytest.mark.parametrize("kernel", INT8_HERE)
