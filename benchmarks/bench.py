@@ -32,6 +32,8 @@ CACHE = HERE / ".cache" / "gpt2-random"
 SHARED = HERE.parent.parent / "shared"
 TOKENIZER = SHARED / "tokenizers" / "gpt2"
 WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+PYDOC = SHARED / "models" / "pydoc-small"
+HELDOUT = SHARED / "data" / "python-docs-heldout" / "heldout.txt"
 CHART = HERE / "long-generation.png"
 PARTS = ("decode", "long", "sweep", "ceiling", "int8", "policies", "startup")
 
@@ -260,17 +262,41 @@ def bench_ceiling(b: Bench, reps: int = 3) -> list[tuple]:
 
 def bench_int8(b: Bench, windows: int = 2, width: int = 512) -> list[tuple]:
     """Fidelity of --dtype int8: next-token distributions vs float32 on the same
-    weights over WikiText-2 test text, both as generation sees them (one token per
-    step) and as a prompt read in one pass sees them (activations in groups of 16)."""
-    if not WIKITEXT.is_file():
-        return [("int8 fidelity", "skipped: no WikiText-2 at " + str(WIKITEXT), "", "")]
-    ids = b.tokenizer.encode(WIKITEXT.read_text(encoding="utf-8")[: 6_000 * windows])[: windows * width]
+    weights, both as generation sees them (one token per step) and as a prompt read
+    in one pass sees them (activations in groups of 16). On the benchmark's model over
+    WikiText-2 test text (the size of the quantization noise: its distributions are
+    nearly flat), and on pydoc-small over its held-out text, with perplexity (what the
+    noise does to a trained model)."""
+    import wmgen
+
+    rows = []
+    if WIKITEXT.is_file():
+        ids = b.tokenizer.encode(WIKITEXT.read_text(encoding="utf-8")[: 6_000 * windows])[: windows * width]
+        rows += fidelity_rows(f"{b.folder.name}, {len(ids)} WikiText-2 tokens", b.model, b.int8, ids, width)
+    else:
+        rows.append(("int8 fidelity", "skipped: no WikiText-2 at " + str(WIKITEXT), "", ""))
+    if not (PYDOC / "model.safetensors").is_file():
+        return rows + [("int8 on pydoc-small", "skipped: no model at " + str(PYDOC), "", "")]
+    small, small8 = (wmgen.load(str(PYDOC), device="cpu", dtype=dtype) for dtype in ("float32", "int8"))
+    text = HELDOUT.read_text(encoding="utf-8")
+    width = small.n_positions
+    ids = small.encode(text[: 12_000 * windows])[: windows * width]
+    rows += fidelity_rows(f"pydoc-small, {len(ids)} held-out tokens", small.network, small8.network, ids, width)
+    exact, quant = (lm.perplexity(text, max_tokens=20_000).perplexity for lm in (small, small8))
+    rows.append(("pydoc-small perplexity, first 20,000 held-out tokens (capacity 512, evict 128): int8 vs float32",
+                 f"{quant:.3f} vs {exact:.3f}", "", f"{quant / exact - 1:+.2%}"))  # fmt: skip
+    return rows
+
+
+def fidelity_rows(what: str, exact_model, int8_model, ids: list[int], width: int) -> list[tuple]:
+    """Mean KL, share of same top tokens and relative logit error of `int8_model`
+    against `exact_model` over `ids` in windows of `width`."""
     stats = {"one token per step": [], "a prompt read at once": []}
     with torch.inference_mode():
         for w in range(0, len(ids), width):
             window = torch.tensor([ids[w : w + width]])
-            exact = b.model.logits(b.model.forward(window, 0, b.model.new_store(width))[0]).float()
-            q, store = b.int8, b.int8.new_store(width)
+            exact = exact_model.logits(exact_model.forward(window, 0, exact_model.new_store(width))[0]).float()
+            q, store = int8_model, int8_model.new_store(width)
             steps = torch.cat([q.logits(q.forward(window[:, i : i + 1], i, store)[0]) for i in range(window.shape[1])])
             whole = q.logits(q.forward(window, 0, q.new_store(width))[0])
             for name, quant in (("one token per step", steps.float()), ("a prompt read at once", whole.float())):
@@ -283,7 +309,7 @@ def bench_int8(b: Bench, windows: int = 2, width: int = 512) -> list[tuple]:
     rows = []
     for name, parts in stats.items():
         kl, same, rel = (torch.cat(column).mean().item() for column in zip(*parts))
-        rows.append((f"int8 vs float32, {name}, {len(ids)} WikiText-2 tokens: mean KL (nats) · same top token · logit error ‖Δ‖/‖fp32‖",
+        rows.append((f"int8 vs float32, {name}, {what}: mean KL (nats) · same top token · logit error ‖Δ‖/‖fp32‖",
                      f"{kl:.1e} · {same:.1%} · {rel:.1%}", "", ""))
     return rows
 

@@ -207,7 +207,7 @@ def int8_model(tiny_dir):
     from wmgen.model import load_model, load_tokenizer
 
     if not int8_available():
-        pytest.skip("this torch has no fbgemm int8 kernels (x86 CPUs only), so --dtype int8 cannot run here")
+        pytest.skip("this torch has none of the int8 kernels (fbgemm, oneDNN, int8pack), so --dtype int8 cannot run here")
     info, _ = load_tokenizer(str(tiny_dir))
     return load_model(info, device="cpu", dtype="int8")
 

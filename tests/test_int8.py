@@ -1,4 +1,4 @@
-"""--dtype int8: int8 weights (fbgemm dynamic quantization), float32 activations and keys/values.
+"""--dtype int8: int8 weights (by fbgemm, oneDNN or int8pack kernels), float32 activations and keys/values.
 
 int8 is approximate by design, so most references here are the float32 model on the
 same checkpoint, compared through bounds set by measuring and leaving margin (each
@@ -24,7 +24,7 @@ from wmgen.memory import WorkingMemory
 from reference import reference_windows
 
 if not int8_available():
-    pytest.skip("this torch has no fbgemm int8 kernels (x86 CPUs only), so --dtype int8 cannot run here", allow_module_level=True)
+    pytest.skip("this torch has none of the int8 kernels (fbgemm, oneDNN, int8pack), so --dtype int8 cannot run here", allow_module_level=True)
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -211,6 +211,29 @@ def test_int8_greedy_tokens_are_the_argmax_of_the_int8_model(tiny_dir, int8_mode
     # int8 and float32 log-probabilities differ by ~0.1: these are the int8 model's own
     assert [e["logprob"] for e in tokens] == pytest.approx(logprobs, abs=1e-4)
     assert events[-1]["generated"] == len(ids)
+
+
+def test_int8_runs_where_torch_has_no_quantized_engines_through_int8pack(tiny_dir, tok, monkeypatch):
+    from wmgen.model import load_model, load_tokenizer
+
+    if "int8pack" not in Int8Linear.kernels():
+        pytest.skip("this torch has no _weight_int8pack_mm")
+    monkeypatch.setattr(Int8Linear, "kernels", staticmethod(lambda: ("int8pack",)))  # a CPU without fbgemm or oneDNN
+    prompt = "The lighthouse keeper climbed the stairs"
+    args = ["generate", "-m", str(tiny_dir), "--dtype", "int8", "-n", "8", "-t", "0", "--no-save", "--format", "jsonl", prompt]
+    tokens = [e for e in map(json.loads, ok(runner.invoke(app, args)).splitlines()) if e["type"] == "token"]
+    model = load_model(load_tokenizer(str(tiny_dir))[0], device="cpu", dtype="int8")
+    assert {b.c_fc.kernel for b in model.blocks} == {"int8pack"} and model._head.kernel == "int8pack"
+    ids, logprobs = greedy_reference(model, tok.encode(prompt, add_special_tokens=False).ids, 8, model.config.eos_token_id)
+    assert [e["id"] for e in tokens] == ids
+    assert [e["logprob"] for e in tokens] == pytest.approx(logprobs, abs=1e-4)
+
+
+def test_without_any_int8_kernel_int8_is_a_one_line_usage_error(tiny_dir, monkeypatch):
+    monkeypatch.setattr(Int8Linear, "kernels", staticmethod(lambda: ()))
+    result = runner.invoke(app, ["generate", "hello", "-m", str(tiny_dir), "--dtype", "int8", "--no-save"])
+    line = one_line_error(result, 2)
+    assert "int8 kernels" in line and "--dtype float32" in line, line
 
 
 @pytest.mark.parametrize("command", ["generate", "perplexity"])

@@ -153,8 +153,13 @@ def run_operations(memory: WorkingMemory, ref: Reference, ops, *, check_logits: 
 
 
 def new_memory(shape) -> WorkingMemory:
+    """A memory whose unwritten slots hold NaN: a batch-1 store is not zeroed, so a
+    pass that read a slot no pass wrote would turn the logits checked here to NaN."""
     capacity, keep, evict, policy, recent = shape
-    return WorkingMemory(MODEL, capacity, keep=keep, evict=evict, policy=policy, recent=recent, tokenizer=WORDS)
+    store = MODEL.new_store(capacity)
+    store.keys.fill_(math.nan)
+    store.values.fill_(math.nan)
+    return WorkingMemory(MODEL, capacity, keep=keep, evict=evict, policy=policy, recent=recent, tokenizer=WORDS, store=store)
 
 
 @settings(max_examples=90, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

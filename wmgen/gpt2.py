@@ -120,8 +120,9 @@ class Linear:
 
 
 def int8_available() -> bool:
-    """Whether this torch has the fbgemm int8 kernels `Int8Linear` uses (x86 CPUs)."""
-    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+    """Whether any of the int8 kernels `Int8Linear` chooses between runs here: fbgemm
+    (x86), oneDNN's quantized engine, or `_weight_int8pack_mm` (any CPU)."""
+    return bool(Int8Linear.kernels())
 
 
 def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -279,12 +280,19 @@ class Block:
 
 
 class KVStore:
-    """Keys and values for `slots` positions of every layer, written in place."""
+    """Keys and values for `slots` positions of every layer, written in place.
+
+    A batch-1 store is left unfilled: a pass reads only the slots it or an earlier
+    pass wrote, so its pages are touched as tokens arrive (a short run of a 1024-slot
+    gpt2 memory never touches most of its 75 MB). A batched one is zeroed: a row
+    shorter than the others is masked out of their widest slots, and a masked slot
+    must still hold a finite number (0 × NaN is NaN)."""
 
     def __init__(self, config: GPT2Config, slots: int, *, batch: int = 1, dtype, device):
         shape = (config.n_layer, batch, config.n_head, slots, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        new = torch.empty if batch == 1 else torch.zeros
+        self.keys = new(shape, dtype=dtype, device=device)
+        self.values = new(shape, dtype=dtype, device=device)
 
     @property
     def slots(self) -> int:

@@ -229,7 +229,7 @@ def check_int8(device: str) -> None:
     if device != "cpu":
         raise UsageError(f"--dtype int8 runs on the CPU only; add --device cpu (or use bfloat16 on {device})")
     if not int8_available():
-        raise UsageError("--dtype int8 needs torch's fbgemm int8 kernels (x86 CPUs), which this torch lacks; use --dtype float32")
+        raise UsageError("--dtype int8 needs one of torch's int8 kernels (fbgemm, oneDNN or int8pack), which this torch lacks; use --dtype float32")
 
 
 def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto", forced_kernels: tuple[str, ...] = (),
