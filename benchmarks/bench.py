@@ -35,6 +35,8 @@ WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 PYDOC = SHARED / "models" / "pydoc-small"
 HELDOUT = SHARED / "data" / "python-docs-heldout" / "heldout.txt"
 CHART = HERE / "long-generation.png"
+GREEDY = {"temperature": 0.0, "top_p": 1.0}
+SAMPLED = {"temperature": 1.0, "top_p": 0.9}  # on random weights the nucleus is most of the vocabulary
 PARTS = ("decode", "long", "sweep", "ceiling", "int8", "policies", "startup")
 
 
@@ -82,24 +84,25 @@ class Bench:
         return self.lm8.network
 
     def wmgen(self, prompt: list[int], n: int, *, evict: int | None = None, lm=None, capacity: int = 1024,
-              policy: str = "oldest") -> list[float]:  # fmt: skip
-        """Generate `n` tokens greedily after `prompt` (capacity 1024), through the
-        library as the command line does: the time of each token since the start,
-        prompt reading included. (One more token is generated and not counted: the
-        last token of a run is never read into memory, so its step would be free.)"""
+              policy: str = "oldest", sampling: dict = GREEDY) -> list[float]:  # fmt: skip
+        """Generate `n` tokens after `prompt` (greedily unless `sampling` says how,
+        capacity 1024), through the library as the command line does: the time of
+        each token since the start, prompt reading included. (One more token is
+        generated and not counted: the last token of a run is never read into
+        memory, so its step would be free.)"""
         from wmgen.events import Token
 
         lm = lm or self.lm
         memory = lm.memory(capacity, 0, evict, policy=policy)
         t0, times = time.perf_counter(), []
-        for event in lm.events(prompt, memory=memory, max_new_tokens=n + 1, ignore_eos=True, temperature=0):
+        for event in lm.events(prompt, memory=memory, max_new_tokens=n + 1, ignore_eos=True, seed=0, **sampling):
             if isinstance(event, Token):
                 times.append(time.perf_counter() - t0)
         return times[:n]
 
-    def transformers(self, prompt: list[int], n: int) -> tuple[list[float], str | None]:
-        """`model.generate()` for `n` greedy tokens: the time of each token since the
-        start, and the error that stopped it early, if any."""
+    def transformers(self, prompt: list[int], n: int, sampling: dict = GREEDY) -> tuple[list[float], str | None]:
+        """`model.generate()` for `n` tokens (greedy unless `sampling` says how): the
+        time of each token since the start, and the error that stopped it early, if any."""
         from transformers import LogitsProcessor, LogitsProcessorList
 
         times: list[float] = []
@@ -115,7 +118,8 @@ class Bench:
             with torch.inference_mode():
                 self.hf.generate(
                     ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                    do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([Clock()]),
+                    do_sample=sampling["temperature"] > 0, pad_token_id=0, logits_processor=LogitsProcessorList([Clock()]),
+                    **({"temperature": sampling["temperature"], "top_p": sampling["top_p"], "top_k": 0} if sampling["temperature"] > 0 else {}),
                 )
         except Exception as e:  # past n_positions GPT-2 fails: that is a result here
             return times, f"{type(e).__name__}: {str(e).splitlines()[0]}"
@@ -139,16 +143,18 @@ def prompt_of(n: int) -> list[int]:
 
 
 def bench_decode(b: Bench, reps: int) -> list[tuple]:
+    """Greedy decode at a short and a long context, and sampled decode (temperature
+    1, top-p 0.9) at the short one, in float32 and int8 against `model.generate()`."""
     rows = []
-    for context in (32, 900):
+    for context, sampling, how in ((32, GREEDY, ""), (900, GREEDY, ""), (32, SAMPLED, ", sampling: -t 1 --top-p 0.9")):
         prompt, runs = prompt_of(context), {"wmgen": [], "int8": [], "hf": []}
         for _ in range(reps):  # interleaved
-            runs["wmgen"].append(decode_rate(b.wmgen(prompt, 72)))
-            runs["hf"].append(decode_rate(b.transformers(prompt, 72)[0]))
-            runs["int8"].append(decode_rate(b.wmgen(prompt, 72, lm=b.lm8)))
+            runs["wmgen"].append(decode_rate(b.wmgen(prompt, 72, sampling=sampling)))
+            runs["hf"].append(decode_rate(b.transformers(prompt, 72, sampling)[0]))
+            runs["int8"].append(decode_rate(b.wmgen(prompt, 72, lm=b.lm8, sampling=sampling)))
         w, h, q = (statistics.median(runs[k]) for k in ("wmgen", "hf", "int8"))
-        rows.append((f"decode, {context}-token context", f"{w:.1f}", f"{h:.1f}", f"{w / h:.2f}×"))
-        rows.append((f"decode, {context}-token context, `--dtype int8`", f"{q:.1f}", f"{h:.1f}", f"{q / h:.2f}×"))
+        rows.append((f"decode, {context}-token context{how}", f"{w:.1f}", f"{h:.1f}", f"{w / h:.2f}×"))
+        rows.append((f"decode, {context}-token context{how}, `--dtype int8`", f"{q:.1f}", f"{h:.1f}", f"{q / h:.2f}×"))
     return rows
 
 

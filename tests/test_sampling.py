@@ -17,6 +17,7 @@ from transformers.generation.logits_process import (
 from wmgen.generation import Started, Token, generate
 from wmgen.memory import WorkingMemory
 from wmgen.sampling import choose, keep_top_k, keep_top_p, new_generator, penalize_repetition, probabilities
+from wmgen.sampling import draw as sample
 from wmgen.settings import RunSettings, Sampling
 
 PROMPT = "Once upon a time there was"
@@ -182,6 +183,36 @@ def test_top_p_keeps_the_tokens_transformers_keeps():
         ours = keep_top_p(logits, p)
         assert_same_filter(ours, theirs)
         assert torch.isfinite(ours).any()
+
+
+@pytest.mark.parametrize("spread", [0.1, 1.0, 3.0, 8.0])  # flat to peaked, at gpt2's vocabulary size
+def test_top_p_keeps_the_tokens_transformers_keeps_over_a_whole_vocabulary(spread):
+    g = torch.Generator().manual_seed(int(spread * 10))
+    # (not p = 0.999: there a float32 sum over tens of thousands of tokens rounds
+    # differently ascending, as transformers adds, and descending, as wmgen does)
+    for p in (1e-7, 0.3, 0.9, 0.99):
+        logits = torch.randn(50257, generator=g) * spread
+        theirs = TopPLogitsWarper(top_p=p)(torch.zeros(1, 0, dtype=torch.long), logits[None].clone())[0]
+        ours = keep_top_p(logits, p)
+        assert_same_filter(ours, theirs)
+        rows = keep_top_p(torch.stack([logits, logits.flip(0)]), p)  # a batch ranks every token
+        assert torch.equal(rows[0], ours) and torch.equal(rows[1], ours.flip(0))
+
+
+def test_a_draw_never_picks_a_token_of_probability_zero_at_either_end():
+    probs = torch.zeros(50257)
+    probs[[1, 2, 50255]] = torch.tensor([0.25, 0.5, 0.25])
+    g = new_generator(7, "cpu")
+    drawn = {sample(probs, g) for _ in range(400)}
+    assert drawn == {1, 2, 50255}
+    weights = torch.tensor([0.0, 3.0, 0.0])  # need not add up to 1
+    assert {sample(weights, g) for _ in range(50)} == {1}
+
+
+def test_a_draw_at_the_top_of_the_unit_interval_takes_the_last_possible_token(monkeypatch):
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor(1.0 - 2**-53, dtype=torch.float64))
+    probs = torch.tensor([0.1, 0.2, 0.7, 0.0, 0.0])
+    assert sample(probs, new_generator(0, "cpu")) == 2
 
 
 def test_repetition_penalty_matches_transformers():

@@ -68,15 +68,45 @@ def keep_top_k(logits: Tensor, k: int) -> Tensor:
 
 def keep_top_p(logits: Tensor, p: float) -> Tensor:
     """The smallest set of most likely tokens whose probability adds up to >= p;
-    never empty (a p below float32's smallest number would otherwise drop all)."""
+    never empty (a p below float32's smallest number would otherwise drop all).
+
+    Only tokens of probability >= (1 - p) / V are ranked: those below hold less than
+    1 - p together, so the set ends before them (in a peaked distribution, a few
+    hundred of gpt2's 50,257 tokens)."""
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, descending=True)
-    probs = sorted_logits.softmax(-1)
-    drop_sorted = probs.cumsum(-1) - probs >= p  # mass before this token already >= p
-    drop_sorted[..., 0] = False
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    kept = None
+    if probs.dim() == 1:
+        among = (probs >= (1.0 - p) / probs.shape[-1]).nonzero().flatten()
+        kept = _nucleus(probs, among[descending(probs[among])], p, whole=False)
+    if kept is None:  # a batch of rows, or rounding left the set open among those ranked
+        kept = _nucleus(probs, descending(probs), p, whole=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, *kept)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def _nucleus(probs: Tensor, order: Tensor, p: float, *, whole: bool) -> tuple[Tensor, Tensor] | None:
+    """Of the tokens in `order` (most likely first), whether each is in the set, as
+    `(order, kept)`; None if the set does not end among them and they are not the
+    `whole` vocabulary."""
+    top = probs.gather(-1, order)
+    ends = top.cumsum(-1) - top >= p  # mass before this token already >= p
+    if not whole and not bool(ends.any()):
+        return None
+    ends[..., 0] = False
+    return order, ~ends
+
+
+def descending(values: Tensor) -> Tensor:
+    """The indices that sort `values` (along the last dimension) from largest to
+    smallest, equals in no set order. On the CPU through numpy, whose sort runs ~5x
+    faster than torch's over a vocabulary."""
+    if values.device.type == "cpu" and values.dim() == 1 and values.dtype == torch.float32:
+        import numpy as np
+
+        return torch.from_numpy(np.argsort(-values.numpy()))
+    return torch.sort(values, descending=True).indices
 
 
 def probabilities(logits: Tensor, s: Sampling, history: Sequence[int] = ()) -> Tensor:
@@ -92,9 +122,27 @@ def probabilities(logits: Tensor, s: Sampling, history: Sequence[int] = ()) -> T
 def choose(logits: Tensor, s: Sampling, generator: torch.Generator, history: Sequence[int] = ()) -> int:
     """The next token: argmax at temperature 0, else a draw from `probabilities`."""
     if s.temperature == 0:
-        return int(penalize_repetition(logits, history, s.repetition_penalty).argmax())
-    probs = probabilities(logits, s, history)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        return first_max(penalize_repetition(logits, history, s.repetition_penalty))
+    return draw(probabilities(logits, s, history), generator)
+
+
+def first_max(logits: Tensor) -> int:
+    """The index of the largest logit, the first of equals (as `argmax`, ~3x faster
+    over a vocabulary on the CPU)."""
+    return int(logits.max(-1).indices)
+
+
+def draw(probs: Tensor, generator: torch.Generator) -> int:
+    """A token drawn from `probs` `[V]` (>= 0, not all 0, need not add up to 1): the
+    first whose cumulative probability passes one uniform number. One random number
+    a token, where `torch.multinomial` makes one per vocabulary entry (~1 ms for
+    50,257); sums in float64, so no token's share is lost to rounding."""
+    cumulative = probs.double().cumsum(-1)
+    u = torch.rand((), generator=generator, dtype=torch.float64, device=probs.device)
+    token = int(torch.searchsorted(cumulative, u * cumulative[-1], right=True))
+    if token >= probs.shape[-1]:  # u * total rounded up to the total
+        token = int(probs.nonzero()[-1])
+    return token
 
 
 def new_generator(seed: int, device) -> torch.Generator:
