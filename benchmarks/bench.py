@@ -1,6 +1,6 @@
 """wmgen speed, measured against transformers in the same process.
 
-    python benchmarks/bench.py                # everything below, about 6 minutes
+    python benchmarks/bench.py                # everything below, about 8 minutes on 2 cores
     python benchmarks/bench.py --only decode  # one part: decode, long, sweep,
                                               # ceiling, int8, policies, startup (or batch)
     python benchmarks/bench.py --model PATH   # a real checkpoint folder instead
@@ -455,7 +455,7 @@ def main() -> None:
             rows += bench_startup(b, args.reps)
         elif part == "batch":
             rows += bench_batch(b, args.reps)
-    print(f"machine: {machine()}; fp32 unless marked, batch 1, greedy; {time.perf_counter() - t0:.0f} s in all")
+    print(f"machine: {machine()}; fp32 unless marked, batch 1, greedy unless marked; {time.perf_counter() - t0:.0f} s in all")
     for lm in (b.lm, b._lm8):
         if lm is not None:
             print(f"kernels: {lm.kernels}")
