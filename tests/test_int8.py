@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import SAMPLE_TEXT, assert_int8_close, fresh_logits, kl, ok, one_line_error, text_ids
+from conftest import SAMPLE_TEXT, assert_int8_close, assert_rows_match_alone, fresh_logits, kl, ok, one_line_error, text_ids
 from wmgen.cli import app
 from wmgen.gpt2 import Int8Linear, int8_available, quantize_rows
 from wmgen.memory import WorkingMemory
@@ -123,7 +123,25 @@ def test_int8_weights_take_a_quarter_of_the_bytes_in_the_blocks(loaded, int8_mod
     # head, packed by fbgemm, and the embedding rows): half its float32 bytes. Measured
     # 0.54 (0.35 with the 400-token fallback tokenizer; 0.33 on a gpt2-shaped model).
     assert int8_model.nbytes < 0.6 * model.nbytes, (int8_model.nbytes, model.nbytes)
-    assert int8_model.dtype == torch.float32, "activations, keys and values stay float32"
+    assert int8_model.dtype == torch.float32, "activations stay float32"
+
+
+@pytest.mark.parametrize("native_bfloat16", [False, True])
+def test_int8_keys_and_values_are_bfloat16_where_the_cpu_has_it_and_stay_within_the_int8_bounds(
+    tiny_dir, loaded, monkeypatch, native_bfloat16
+):
+    from wmgen import gpt2
+    from wmgen.model import load_model, load_tokenizer
+
+    monkeypatch.setattr(gpt2, "KV_BFLOAT16", native_bfloat16)
+    model, tokenizer, _ = loaded
+    int8_model = load_model(load_tokenizer(str(tiny_dir))[0], device="cpu", dtype="int8")
+    store = int8_model.new_store(8)
+    assert store.keys.dtype == store.values.dtype == (torch.bfloat16 if native_bfloat16 else torch.float32)
+    assert model.new_store(8).keys.dtype == torch.float32, "float32 keeps float32 keys and values"
+    ids = text_ids(tokenizer, model.config.n_positions)
+    assert_int8_close(fresh_logits(model, ids), fresh_logits(int8_model, ids))
+    assert_rows_match_alone(int8_model, tokenizer)
 
 
 # --- working memory in int8 -----------------------------------------------------------------
