@@ -142,6 +142,9 @@ def test_int8_keys_and_values_are_bfloat16_where_the_cpu_has_it_and_stay_within_
     ids = text_ids(tokenizer, model.config.n_positions)
     assert_int8_close(fresh_logits(model, ids), fresh_logits(int8_model, ids))
     assert_rows_match_alone(int8_model, tokenizer)
+    result = runner.invoke(app, ["generate", "hi", "-m", str(tiny_dir), "--dtype", "int8", "-n", "2", "--no-save", "--stats", "--debug"])
+    ok(result)
+    assert f"keys and values {'bfloat16' if native_bfloat16 else 'float32'}" in result.stderr, result.stderr
 
 
 # --- working memory in int8 -----------------------------------------------------------------

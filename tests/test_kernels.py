@@ -175,7 +175,7 @@ def test_forcing_through_the_variable_runs_that_kernel_and_says_so(tiny_dir, mon
     assert ok(result).strip()
     line = [x for x in result.stderr.splitlines() if x.startswith("kernels: ")]
     assert line == ["kernels: float32 64x192 linear · 64x64 linear · 64x256 linear · 256x64 linear · "
-                    f"head 64x{load_tokenizer(str(tiny_dir))[0].vocab_size} linear (forced)"], result.stderr  # fmt: skip
+                    f"head 64x{load_tokenizer(str(tiny_dir))[0].vocab_size} linear (forced) · keys and values float32"], result.stderr  # fmt: skip
     if "int8pack" in INT8_HERE:
         result = runner.invoke(app, [*args, "--dtype", "int8"])
         assert ok(result).strip() and "kernels: int8 64x192 int8pack · " in result.stderr and "(forced)" in result.stderr
@@ -321,4 +321,5 @@ def test_stats_with_debug_say_which_kernels_ran_and_how_they_were_chosen(tiny_di
     assert ok(first) == ok(second) == ok(without), "the report goes to stderr"
     assert "kernels:" not in without.stderr and "tokens/s" in without.stderr, "the kernels only with --debug"
     monkeypatch.setenv("WMGEN_DEBUG", "1")
-    assert "kernels: float32 64x192 " in runner.invoke(app, args).stderr
+    line = next(x for x in runner.invoke(app, args).stderr.splitlines() if x.startswith("kernels:"))
+    assert line.startswith("kernels: float32 64x192 ") and line.endswith(" · keys and values float32"), line

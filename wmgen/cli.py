@@ -498,9 +498,10 @@ def run_generate(lm, text: str, out: Output, *, memory, save_to, from_scratch: b
 
 
 def report_kernels(lm) -> None:
-    """With --debug (or WMGEN_DEBUG), which kernels ran and how they were chosen."""
+    """With --debug (or WMGEN_DEBUG), which kernels ran and how they were chosen, and
+    the dtype keys and values are kept in."""
     if DEBUG["on"] or os.environ.get("WMGEN_DEBUG"):
-        warn_line(f"kernels: {lm.kernels}")
+        warn_line(f"kernels: {lm.kernels} · keys and values {str(lm.network.kv_dtype).removeprefix('torch.')}")
 
 
 def warn_line(text: str) -> None:
