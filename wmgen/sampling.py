@@ -136,9 +136,11 @@ def draw(probs: Tensor, generator: torch.Generator) -> int:
     """A token drawn from `probs` `[V]` (>= 0, not all 0, need not add up to 1): the
     first whose cumulative probability passes one uniform number. One random number
     a token, where `torch.multinomial` makes one per vocabulary entry (~1 ms for
-    50,257); sums in float64, so no token's share is lost to rounding."""
-    cumulative = probs.double().cumsum(-1)
-    u = torch.rand((), generator=generator, dtype=torch.float64, device=probs.device)
+    50,257). It sums in float64, so no token's share is lost to rounding (in float32
+    on Apple's GPU, which has no float64)."""
+    wide = torch.float32 if probs.device.type == "mps" else torch.float64
+    cumulative = probs.to(wide).cumsum(-1)
+    u = torch.rand((), generator=generator, dtype=wide, device=probs.device)
     token = int(torch.searchsorted(cumulative, u * cumulative[-1], right=True))
     if token >= probs.shape[-1]:  # u * total rounded up to the total
         token = int(probs.nonzero()[-1])
