@@ -279,17 +279,7 @@ class Block:
     mlp_proj: Linear | Int8Linear
 
 
-def _native_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-KV_BFLOAT16 = _native_bfloat16()
+KV_BFLOAT16 = bool({"avx512_bf16", "amx_bf16"} & kernels.cpu_flags())  # the CPU multiplies bfloat16 natively
 
 
 class KVStore:
@@ -538,7 +528,8 @@ class GPT2:
         x = self.embed(ids) + self.wpe[positions]
         seen = (torch.arange(width, device=self.device)[None, :] <= slots[:, None])[:, None, None, :]
         rows = torch.arange(B, device=self.device)
-        ends = (slots + 1).tolist()
+        rounded = store.keys.dtype != x.dtype  # keys and values kept in a narrower dtype than activations
+        ends = (slots + 1).tolist() if rounded else None
         eps = cfg.layer_norm_epsilon
         for layer, b in enumerate(self.blocks):
             h = F.layer_norm(x, (E,), *b.ln_1, eps)
@@ -549,7 +540,7 @@ class GPT2:
             q = q.to(keys.dtype)
             if received is not None:
                 a = attend_received(q[:, :, None], keys[:, :, :width], values[:, :, :width], self.scale, received, slots)
-            elif keys.dtype != x.dtype:  # rounded keys and values: each row over its own slots, as it runs alone
+            elif rounded:  # each row over its own slots, as it runs alone: rounding differs with the width
                 a = torch.cat([F.scaled_dot_product_attention(q[r : r + 1, :, None], keys[r : r + 1, :, : ends[r]],
                                                               values[r : r + 1, :, : ends[r]]) for r in range(B)])  # fmt: skip
             else:
