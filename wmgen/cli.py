@@ -675,7 +675,8 @@ def inspect_memory(
             lm = open_model(build_settings(flags, config, quiet=False), color=not no_color)
     if attention:
         try:
-            snap["attention"] = {"layer": layer, "shares": lm.attention(snap, layer)}
+            source = "the preview" if prompt is not None else f"session '{name}'"
+            snap["attention"] = {"layer": layer, "shares": lm.attention(snap, layer, source=source)}
         except UsageError as e:
             raise UsageError(f"--{e}") if e.key == "layer" else e from None
 
