@@ -365,6 +365,129 @@ def session_lines(rows: list[dict]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+# --- the diff of two memories --------------------------------------------------
+
+
+def diff_json(result: dict, name_a: str, name_b: str) -> dict:
+    """`wmgen.sessions.diff`'s result as a document: the two names as `a` and `b`,
+    then the result as it is (print it with `put_line`, which keeps it strict JSON)."""
+    return {"a": name_a, "b": name_b, **result}
+
+
+def diff_lines(result: dict, name_a: str, name_b: str, context: int = 3) -> list[str]:
+    """The diff as `diff -u` writes one, over token text instead of lines:
+
+        --- NAME_A<TAB>N tokens, P pinned
+        +++ NAME_B<TAB>M tokens, Q pinned
+        @@ -I,N +J,M @@
+         ·shared·tokens
+        -·only·in·a
+        +·only·in·b
+
+    A hunk's numbers are slots, counted from 0 as `inspect-memory` counts them: the
+    hunk covers slots I to I+N-1 of a and J to J+M-1 of b (with N or M 0, I or J is
+    the slot it stands before). Each hunk has up to `context` shared tokens on each
+    side; hunks closer than that merge. A line holds a run of consecutive tokens of
+    one kind (' ' shared, '-' only in a, '+' only in b), broken after a token that
+    holds a line break; token text is shown with `visible` (`·` a space, `↵` a line
+    break, other control characters escaped), and a token without text as `⟨id⟩`.
+    So the ' ' and '-' lines of a hunk, joined, are a's text over its slots, and
+    the ' ' and '+' lines b's. Two memories with the same tokens give the header
+    only."""
+    ops = result["ops"]
+    lines = [
+        f"--- {one_line(name_a)}\t{side_size(ops, 'a')}",
+        f"+++ {one_line(name_b)}\t{side_size(ops, 'b')}",
+    ]
+    for hunk in hunks(ops, context):
+        (a1, b1), (a2, b2) = hunk[0][1], hunk[-1][2]
+        lines.append(f"@@ -{a1},{a2 - a1} +{b1},{b2 - b1} @@")
+        for op, (i1, j1), (i2, j2) in hunk:
+            if op == "equal":
+                lines += token_lines(" ", op_side(ops, "a", i1, i2))
+            if op in ("delete", "replace"):
+                lines += token_lines("-", op_side(ops, "a", i1, i2))
+            if op in ("insert", "replace"):
+                lines += token_lines("+", op_side(ops, "b", j1, j2))
+    return lines
+
+
+def show_diff(result: dict, name_a: str, name_b: str, out, context: int = 3) -> None:
+    """`diff_lines` to a rich console (coloured where it has colour) or to a text
+    stream; long lines stay whole, never wrapped."""
+    lines = diff_lines(result, name_a, name_b, context)
+    if not hasattr(out, "print"):
+        put(out, "".join(line + "\n" for line in lines))
+        return
+    from rich.text import Text
+
+    styles = {"-": "red", "+": "green", "@": "cyan"}
+    for n, line in enumerate(lines):
+        style = "bold" if n < 2 else styles.get(line[:1])
+        out.print(Text(line, style=style or ""), soft_wrap=True)
+
+
+def side_size(ops: list[dict], side: str) -> str:
+    tokens = sum(len(o[side]["tokens"]) for o in ops)
+    pinned = sum(sum(o[side]["pinned"]) for o in ops)
+    return f"{tokens} tokens, {pinned} pinned"
+
+
+def hunks(ops: list[dict], context: int) -> list[list[tuple[str, tuple[int, int], tuple[int, int]]]]:
+    """The changes with `context` shared tokens around them, grouped as difflib's
+    `get_grouped_opcodes` groups lines: each hunk a list of (op, (a start, b start),
+    (a end, b end))."""
+    runs = [(o["op"], (o["a"]["start"], o["b"]["start"]), (o["a"]["end"], o["b"]["end"])) for o in ops]
+    if not any(op != "equal" for op, _, _ in runs):
+        return []
+    if runs[0][0] == "equal":  # only the last `context` of a shared head
+        _, (i1, j1), (i2, j2) = runs[0]
+        k = max(0, (i2 - i1) - context)
+        runs[0] = ("equal", (i1 + k, j1 + k), (i2, j2))
+    if runs[-1][0] == "equal":  # only the first `context` of a shared tail
+        _, (i1, j1), (i2, j2) = runs[-1]
+        k = min(i2 - i1, context)
+        runs[-1] = ("equal", (i1, j1), (i1 + k, j1 + k))
+    groups, group = [], []
+    for op, (i1, j1), (i2, j2) in runs:
+        if op == "equal" and i2 - i1 > 2 * context and group:  # a long shared run ends one hunk, starts the next
+            group.append((op, (i1, j1), (i1 + context, j1 + context)))
+            groups.append(group)
+            group = []
+            i1, j1 = i2 - context, j2 - context
+        group.append((op, (i1, j1), (i2, j2)))
+    if group and not (len(group) == 1 and group[0][0] == "equal"):
+        groups.append(group)
+    return [[run for run in g if run[1] != run[2]] for g in groups]
+
+
+def op_side(ops: list[dict], side: str, start: int, end: int) -> list[tuple[int, str | None]]:
+    """(token, text) of slots `start` to `end` of one memory, read from the ops."""
+    found = []
+    for o in ops:
+        s = o[side]
+        lo, hi = max(start, s["start"]), min(end, s["end"])
+        found += [(s["tokens"][k - s["start"]], s["text"][k - s["start"]]) for k in range(lo, hi)]
+    return found
+
+
+LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")  # where str.splitlines breaks
+
+
+def token_lines(prefix: str, tokens: list[tuple[int, str | None]]) -> list[str]:
+    """`prefix` lines of visible token text, a line broken after each token that
+    holds a line break."""
+    lines, line = [], []
+    for token, text in tokens:
+        line.append(f"⟨{token}⟩" if text is None else visible(text))
+        if text is not None and not LINE_BREAKS.isdisjoint(text):
+            lines.append(prefix + "".join(line))
+            line = []
+    if line:
+        lines.append(prefix + "".join(line))
+    return lines
+
+
 # --- perplexity ------------------------------------------------------------------
 
 
