@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from wmgen import files
+from wmgen.diff import diff  # noqa: F401  (public as wmgen.sessions.diff)
 from wmgen.errors import SessionError, UsageError
 from wmgen.snapshot import SCHEMA_VERSION, OtherVersion, Unusable, validate
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
