@@ -109,7 +109,7 @@ def test_every_edit_is_exact_and_recomputes_only_from_the_first_changed_slot(sha
         fresh = sum(s.new for s in memory.slots[stale:])
         logits = memory.logits()
         ref.run()
-        check_against(memory, ref)
+        check_against(memory, ref, edited=True)
         assert memory.counters.recomputed - recomputed == max(memory.fill - stale, 1) - fresh, "recomputed more (or less) than what changed"
         assert memory.pending == 0
         torch.testing.assert_close(logits[None], reference_logits([memory.tokens]), atol=1e-4, rtol=1e-4)
