@@ -21,6 +21,7 @@ try:  # typer >= 0.29 raises its own copy of click's exceptions
 except ImportError:  # older typer uses click itself
     from click import exceptions as click_errors
 
+from wmgen.cli_memory import memory_app
 from wmgen.errors import UsageError, WmgenError
 
 EXIT_CODES = """Exit status: 0 success (also when a reader closes the pipe), 1 runtime failure, 2 usage error, 130 interrupted by Ctrl-C (SIGINT), 143 terminated (SIGTERM)."""
@@ -693,6 +694,9 @@ def inspect_memory(
 
         console, plain = console_for(no_color)
         show_memory(snap, console, head=head, tail=tail, plain=plain)
+
+
+app.add_typer(memory_app)  # wmgen memory forget|pin|unpin|insert|fork|undo|diff, in wmgen.cli_memory
 
 
 @app.command("sessions")

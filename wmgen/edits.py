@@ -69,5 +69,23 @@ def insert(slots: Sequence[Slot], index: int, new: Sequence[Slot], *, capacity: 
     return [*kept[:index], *new, *kept[index:]], drop
 
 
+def find(pieces: Sequence[bytes], text: str) -> list[tuple[int, int]]:
+    """Where `text` occurs in the slots whose tokens' bytes are `pieces`: the
+    `(start, stop)` spans that hold each occurrence, in order, not overlapping."""
+    import bisect
+    from itertools import accumulate
+
+    if not isinstance(text, str) or not text:
+        raise UsageError("give some text to find", key="text")
+    ends = list(accumulate(len(p) for p in pieces))
+    whole, needle = b"".join(pieces), text.encode("utf-8", "surrogateescape")
+    spans, at = [], whole.find(needle)
+    while at >= 0:
+        first, last = bisect.bisect_right(ends, at), bisect.bisect_left(ends, at + len(needle))
+        spans.append((first, last + 1))
+        at = whole.find(needle, ends[last])
+    return spans
+
+
 def _is_index(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)

@@ -288,24 +288,7 @@ class WorkingMemory:
     def find(self, text: str) -> list[tuple[int, int]]:
         """Where `text` occurs in memory: `(start, stop)` spans of the slots that
         hold each occurrence (as `range` counts), in order, not overlapping."""
-        if not isinstance(text, str) or not text:
-            raise UsageError("give some text to find", key="text")
-        pieces = [self.tokenizer.token_bytes(t) for t in self.tokens]
-        ends = []
-        total = 0
-        for p in pieces:
-            total += len(p)
-            ends.append(total)
-        whole, needle = b"".join(pieces), text.encode("utf-8", "surrogateescape")
-        spans, at = [], whole.find(needle)
-        import bisect
-
-        while at >= 0:
-            first = bisect.bisect_right(ends, at)
-            last = bisect.bisect_left(ends, at + len(needle))
-            spans.append((first, last + 1))
-            at = whole.find(needle, ends[last])
-        return spans
+        return edits.find([self.tokenizer.token_bytes(t) for t in self.tokens], text)
 
     def checkpoint(self) -> Checkpoint:
         """The memory as it is now, to `rollback` to (undo)."""
