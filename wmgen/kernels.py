@@ -270,7 +270,7 @@ def read_cache(path: Path) -> tuple[dict, str]:
     """The cache's entries, and a note when a file was there but could not be used
     (it is then measured afresh and replaced)."""
     try:
-        data = json.loads(files.utf8(files.read_regular(path, 1 << 20)))
+        data = files.parse_json(files.utf8(files.read_regular(path, 1 << 20)))
     except FileNotFoundError:
         return {}, ""
     except (files.FileProblem, ValueError, OSError) as e:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import codecs
 import difflib
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -162,8 +161,11 @@ def presets() -> dict[str, str]:
     out = {}
     for entry in sorted(preset_folder().iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".toml"):
-            text = entry.read_text(encoding="utf-8")
-            out[entry.name.removesuffix(".toml")] = tomllib.loads(text).get("description", "")
+            try:
+                description = files.parse_toml(files.utf8(entry.read_bytes())).get("description", "")
+            except files.FileProblem as e:
+                description = f"(this preset {e})"
+            out[entry.name.removesuffix(".toml")] = description
     return out
 
 
@@ -221,9 +223,9 @@ def read_config_text(path: Path, label: str) -> str:
 def read_config_file(text: str, label: str) -> dict[str, tuple[object, str]]:
     """Flat key -> (value, where) from a TOML config; unknown keys are errors."""
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"{label} is not valid TOML: {e}") from None
+        data = files.parse_toml(text)
+    except files.FileProblem as e:
+        raise UsageError(f"{label} {e}") from None
     out = {}
     by_file_key = {(KEYS[k][0], "model" if k == "model" else KEYS[k][1]): k for k in KEYS}
     for section, body in data.items():
