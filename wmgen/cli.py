@@ -376,10 +376,12 @@ def generate(
     if previous is not None:
         given = {"capacity": capacity, "keep": keep, "evict": evict, "policy": policy, "recent": recent}
         shape = {k: coerce(k, v, f"--{k}") for k, v in given.items() if v is not None}
+        mark = sessions.fingerprint(previous)  # so the save can tell whether another run saved it since
         try:
             memory = lm.restore(previous, source=f"session '{name}'", **shape)
         except UsageError as e:
             raise blamed(e, settings) from None
+        sessions.remember(memory, state, name, mark)
         if lost := previous["fill"] - memory.fill:
             notice(f"the session held {previous['fill']} tokens; capacity {memory.capacity} keeps {memory.fill} ({lost} dropped)", out.quiet)
     run_generate(lm, text, out, memory=memory, save_to=None if no_save else (state, name), from_scratch=from_scratch)
@@ -515,23 +517,26 @@ def warn_line(text: str) -> None:
 
 def save_memory(save_to, memory, *, report: bool = True) -> dict:
     """Save the memory as a session (unless --no-save), as the session name asked
-    for or, when that name holds a session this memory must not replace, the next
-    free one. A failure is a warning, never silenced by -q (the text was already
-    written). Returns what the JSON output says about it."""
+    for or, when that name holds a session this memory must not replace (another
+    tokenizer's, an unreadable one, or one another run saved after `-c` read it),
+    the next free one. A failure is a warning, never silenced by -q (the text was
+    already written). Returns what the JSON output says about it."""
     if save_to is None:
         return {"saved": False, "session": None}
     from wmgen import session as sessions
 
     state, name = save_to
     try:
-        used = sessions.save(memory, name, home=state, fallback=True)
+        used, conflict = sessions.store(memory, name, home=state, fallback=True)
     except WmgenError as e:
         if report:
             warn(f"warning: the memory was not saved: {e}")
         return {"saved": False, "session": None, "save_error": str(e)}
-    if used != name and report:
+    if conflict and report:
+        warn(f"warning: session '{name}' was saved by another run after this one read it, so it is kept; this memory is saved as '{used}'")
+    elif used != name and report:
         warn(f"warning: session '{name}' was made with another tokenizer or cannot be read, so it is kept; this memory is saved as '{used}'")
-    return {"saved": True, "session": used}
+    return {"saved": True, "session": used} | ({"conflict": conflict} if conflict else {})
 
 
 def read_prompts(argument: str | None, file: str | None, *, each_line: bool, samples: int, from_scratch: bool = False,

@@ -1,9 +1,11 @@
 """Saved working memories ("sessions"): versioned JSON files in the per-user state
 folder, written atomically under a lock, validated whole when read, and never
-silently replaced: not when unreadable, not when made with another tokenizer."""
+silently replaced: not when unreadable, not when made with another tokenizer, not
+when another wmgen saved it after this memory was read from it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -102,11 +104,21 @@ def read(state: Path, name: str) -> dict:
         raise _unusable(name, path, e) from None
 
 
-def write(state: Path, name: str, snapshot: dict, *, undoable: bool = False) -> Path:
+def write(state: Path, name: str, snapshot: dict, *, undoable: bool = False, expected: str | None = None,
+          fallback: bool = False) -> Path:  # fmt: skip
     """Write `snapshot` as session `name`: to a temporary file in the same folder,
     flushed to disk, then renamed over the old one, under a file lock. Refuses to
     replace a file that is not a readable session, or one made with another tokenizer
-    (see `free_name`). With `undoable`, the version replaced is kept for `undo`."""
+    (see `free_name`). With `undoable`, the version replaced is kept for `undo`.
+    With `expected` (the `fingerprint` of session `name` as this memory read it), a
+    session that another wmgen saved since is not replaced either: with `fallback`
+    the snapshot goes to the first of `name-2`, `name-3`, ... that holds no file,
+    else SessionError. Returns the path written."""
+    return _write(state, name, snapshot, undoable, expected, fallback)[0]
+
+
+def _write(state: Path, name: str, snapshot: dict, undoable: bool, expected: str | None, fallback: bool) -> tuple[Path, str]:
+    """`write`, and the fingerprint of what it wrote, as `read` will see it."""
     from filelock import FileLock, Timeout
 
     path = path_of(state, name)
@@ -119,27 +131,78 @@ def write(state: Path, name: str, snapshot: dict, *, undoable: bool = False) -> 
         raise SessionError(f"cannot save session '{name}': the snapshot is not valid ({e}); the previous version is untouched") from None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock", timeout=30):
-            previous = _existing(path, name, record["tokenizer"])
-            record["created_at"] = previous.get("created_at") or record["saved_at"]
-            if undoable and previous:
-                _replace_with(undo_path(path), path.read_bytes())
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(record, f, ensure_ascii=False, indent=1, allow_nan=False)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-            _fsync_dir(path.parent)
+        created = None
+        for candidate in _alternatives(name):
+            path = path_of(state, candidate)
+            with FileLock(str(path) + ".lock", timeout=30):
+                if candidate == name:
+                    previous = _existing(path, name, record["tokenizer"])
+                    created = previous.get("created_at")
+                    if expected is not None and previous and fingerprint(previous) != expected:
+                        if not fallback:
+                            raise _changed(name, path)
+                        continue  # another run's result: kept, and this one saved beside it
+                    if undoable and previous:
+                        _replace_with(undo_path(path), path.read_bytes())
+                elif os.path.lexists(path):
+                    continue
+                record["name"] = candidate
+                record["created_at"] = created or record["saved_at"]
+                fd, tmp = tempfile.mkstemp(prefix=f".{candidate}.", suffix=".tmp", dir=path.parent)
+                try:
+                    with os.fdopen(fd, "w", encoding="utf-8") as f:
+                        json.dump(record, f, ensure_ascii=False, indent=1, allow_nan=False)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, path)
+                except BaseException:
+                    os.unlink(tmp)
+                    raise
+                _fsync_dir(path.parent)
+                return path, _fingerprint_of(path)
     except Timeout:
-        raise SessionError(f"session '{name}' is locked by another wmgen; try again when it has finished") from None
+        raise SessionError(f"session '{path.stem}' is locked by another wmgen; try again when it has finished") from None
     except OSError as e:
         raise SessionError(f"cannot save session '{name}' in {path.parent}: {e.strerror}; the previous version is untouched") from None
-    return path
+    raise SessionError(
+        f"session '{name}' changed since it was read, and '{name}-2' to '{name}-{MAX_ALTERNATIVES}' are all taken; "
+        "clean up with: wmgen sessions (and wmgen sessions --delete NAME)"
+    )
+
+
+def fingerprint(record: dict) -> str:
+    """What a session held when it was read, to tell at save time whether another
+    wmgen saved it since: a hash of its whole content (two saves in the same second
+    still differ in their tokens or counters). A record that cannot be hashed gets
+    a fingerprint nothing else has: it counts as changed."""
+    try:
+        text = json.dumps(record, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):
+        return os.urandom(16).hex()
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _fingerprint_of(path: Path) -> str:
+    try:
+        return fingerprint(_load(path))
+    except (FileNotFoundError, Unusable, OtherVersion):
+        return os.urandom(16).hex()
+
+
+def _changed(name: str, path: Path) -> SessionError:
+    return SessionError(
+        f"session '{name}' ({path}) was saved by another wmgen after this memory was read from it, so it was not "
+        "replaced; save under another name, or load it again"
+    )
+
+
+def _alternatives(name: str):
+    """`name`, then `name-2`, `name-3`, ... (cut to stay within 64 characters)."""
+    for n in range(1, MAX_ALTERNATIVES + 1):
+        suffix = f"-{n}" if n > 1 else ""
+        candidate = name[: 64 - len(suffix)] + suffix
+        if _allowed(candidate):
+            yield candidate
 
 
 def undo_path(path: Path) -> Path:
@@ -218,10 +281,8 @@ def free_name(state: Path, name: str, tokenizer: str) -> str:
     session with the same tokenizer; else the first of `name-2`, `name-3`, ... that
     is."""
     check_name(name)
-    for n in range(1, MAX_ALTERNATIVES + 1):
-        suffix = f"-{n}" if n > 1 else ""
-        candidate = name[: 64 - len(suffix)] + suffix
-        if _allowed(candidate) and _takes(path_of(state, candidate), tokenizer):
+    for candidate in _alternatives(name):
+        if _takes(path_of(state, candidate), tokenizer):
             return candidate
     raise SessionError(
         f"session '{name}' and '{name}-2' to '{name}-{MAX_ALTERNATIVES}' are all taken by sessions of another "
@@ -303,14 +364,33 @@ def save(memory, name: str = "last", *, home: str | Path | None = None, fallback
     """Save a `WorkingMemory` as session `name`, the file `wmgen generate -c -s NAME`
     continues (in `home`, else `$WMGEN_HOME`, else the user's state folder). A name
     holding a session this memory must not replace (made with another tokenizer,
-    or unreadable) raises `SessionError`, or with `fallback` takes the next free
+    or unreadable, or saved by another wmgen after this memory was loaded from it
+    or saved to it) raises `SessionError`, or with `fallback` takes the next free
     name (`name-2`, ...). Returns the name used."""
+    return store(memory, name, home=home, fallback=fallback)[0]
+
+
+def store(memory, name: str = "last", *, home: str | Path | None = None, fallback: bool = False) -> tuple[str, str | None]:
+    """`save`, saying also whether the session changed meanwhile: the name used, and
+    `name` when another wmgen had saved session `name` since this memory was read
+    from it (None otherwise). Afterwards `memory.loaded_from` is the session written."""
     state = _state(home)
     check_name(name)
     snapshot = memory.snapshot()
     used = free_name(state, name, snapshot.get("tokenizer")) if fallback else name
-    write(state, used, snapshot)
-    return used
+    path = path_of(state, used).absolute()
+    seen = getattr(memory, "loaded_from", None)
+    expected = seen[1] if isinstance(seen, tuple) and seen[0] == path else None
+    written, mark = _write(state, used, snapshot, False, expected, fallback)
+    memory.loaded_from = (written.absolute(), mark)
+    return written.stem, used if written.absolute() != path else None
+
+
+def remember(memory, state: Path, name: str, mark: str) -> None:
+    """Mark `memory` as read from session `name` when its `fingerprint` was `mark`:
+    sets `memory.loaded_from` to (the session file, `mark`), which `save` checks so
+    that it never replaces a session another wmgen saved meanwhile."""
+    memory.loaded_from = (path_of(state, name).absolute(), mark)
 
 
 def load(name: str, model, *, capacity: int | None = None, keep: int | None = None, evict: int | None = None,
@@ -319,6 +399,10 @@ def load(name: str, model, *, capacity: int | None = None, keep: int | None = No
     continue as `wmgen generate -c` does. It keeps the session's shape and policy
     unless `capacity`, `keep`, `evict` (tokens), `policy` or `recent` is given; see
     `Model.restore`."""
-    snapshot = read(_state(home), check_name(name))
-    return model.restore(snapshot, capacity=capacity, keep=keep, evict=evict, policy=policy, recent=recent,
-                         source=f"session '{name}'")  # fmt: skip
+    state = _state(home)
+    snapshot = read(state, check_name(name))
+    mark = fingerprint(snapshot)
+    memory = model.restore(snapshot, capacity=capacity, keep=keep, evict=evict, policy=policy, recent=recent,
+                           source=f"session '{name}'")  # fmt: skip
+    remember(memory, state, name, mark)
+    return memory
