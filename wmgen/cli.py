@@ -22,6 +22,7 @@ except ImportError:  # older typer uses click itself
     from click import exceptions as click_errors
 
 from wmgen import options
+from wmgen.cli_chat import chat
 from wmgen.errors import UsageError, WmgenError
 
 EXIT_CODES = """Exit status: 0 success (also when a reader closes the pipe), 1 runtime failure, 2 usage error, 130 interrupted by Ctrl-C (SIGINT), 143 terminated (SIGTERM)."""
@@ -382,6 +383,7 @@ def generate(
 
 
 FORMATS = ("text", "jsonl", "json")
+app.command()(chat)  # wmgen chat: its options and state in wmgen.cli_chat, its loop in wmgen.chat
 
 
 @dataclass(frozen=True)
