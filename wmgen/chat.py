@@ -170,7 +170,7 @@ def loop(chat: Chat, read_line: Callable[[], str]) -> int:
             chat.warn(f"error: {e}")
         except EOFError:
             if chat.interactive:
-                chat.warn("")  # Ctrl-D: leave the shell prompt on a line of its own
+                sys.stderr.write("\n")  # Ctrl-D: leave the shell prompt on a line of its own
             return leave(chat, 0)
         except KeyboardInterrupt:  # Ctrl-C at the prompt (or in a command) clears the line
             if not chat.interactive:
@@ -185,7 +185,9 @@ def terminated(signum, frame) -> None:
 
 
 def leave(chat: Chat, code: int, why: str = "") -> int:
-    saved = f"session '{chat.session}' saved ({chat.memory.fill} tokens)" if after_turn(chat) else ""
+    fresh = after_turn(chat)
+    held = chat.autosave and (fresh or sessions.path_of(chat.state, chat.session).exists())
+    saved = f"the memory is saved as session '{chat.session}' ({chat.memory.fill} tokens)" if held else ""
     if why:
         chat.warn(f"{why}{'; ' + saved if saved else ''}")
     elif chat.interactive and saved:
@@ -628,7 +630,11 @@ def terminal_lines(chat: Chat) -> Callable[[], str]:
     readline.set_history_length(1000)
     readline.set_completer_delims(" \t\n")
     readline.set_completer(completer(chat))
-    readline.parse_and_bind("bind ^I rl_complete" if "libedit" in (readline.__doc__ or "") else "tab: complete")
+    if "libedit" in (readline.__doc__ or ""):  # macOS's Python
+        readline.parse_and_bind("bind ^I rl_complete")
+    else:
+        readline.parse_and_bind("tab: complete")
+        readline.parse_and_bind("set show-all-if-ambiguous on")  # one Tab lists /forget and /fork
 
     def read() -> str:
         prompt = f"{chat.template.user} " if chat.template else "> "
