@@ -166,6 +166,8 @@ def loop(chat: Chat, read_line: Callable[[], str]) -> int:
             else:
                 turn(chat, line[1:] if line.startswith("//") else line)
             after_turn(chat)
+        except OutputError:
+            raise
         except WmgenError as e:  # a bad command, span or session: one line, and the memory as it was
             chat.warn(f"error: {e}")
         except EOFError:
@@ -236,6 +238,7 @@ def turn(chat: Chat, text: str) -> Finished:
         chat.leftover = ""
         if chat.interactive and chat.template:
             sys.stderr.write(chat.template.bot)
+            sys.stderr.flush()
         for event in events:
             if isinstance(event, Started) and event.unread:
                 chat.notice(f"what you typed has {event.prompt_tokens} tokens; {event.unread} of them did not fit and were not read")
