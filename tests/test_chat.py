@@ -221,6 +221,14 @@ def test_set_changes_the_next_turn(tiny_dir):
     assert "max_new_tokens 2" in result.stdout
 
 
+def test_set_policy_switches_what_the_memory_forgets(tiny_dir):
+    script = f"{FIRST}\n/set policy lru\n/set policy boundary\n and then\n"
+    result = succeeded(chat(tiny_dir, script, "--capacity", "16", "--evict", "4", "-n", "12", *GREEDY))
+    assert len(errors(result)) == 1 and "lru" in errors(result)[0], result.stderr
+    assert "by policy boundary" in result.stderr.splitlines()[-1], result.stderr
+    assert saved()["policy"] == "boundary"
+
+
 def test_show_text_stats_and_help_answer_on_stdout(tiny_dir):
     result = succeeded(chat(tiny_dir, f"{FIRST}\n/show --tail 3\n/text\n/stats\n/help\n", "-n", "2", *GREEDY))
     out = result.stdout

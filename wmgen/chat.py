@@ -540,9 +540,15 @@ def set_option(chat: Chat, rest: str):
 
 
 def set_policy(chat: Chat, policy: str) -> None:
+    """The memory again under another policy: its slots (scores and pins too) in a
+    memory of the same shape, recomputed at the next turn."""
     memory = chat.memory
-    edit(chat, f"/set policy {policy}", lambda: memory.set_policy(policy) or 0)
-    chat.notice(f"policy {policy_words({'policy': policy, 'recent': memory.shape.recent})}, from the next eviction on")
+    if policy != memory.shape.policy:
+        step = chat.mark(f"/set policy {policy}")
+        chat.memory = chat.lm.restore(memory.snapshot(), policy=policy, source="this memory")
+        chat.remember(step)
+    shape = chat.memory.shape
+    chat.notice(f"policy {policy_words({'policy': policy, 'recent': shape.recent})}, from the next eviction on; {pending(chat)}")
 
 
 def stats(chat: Chat, rest: str):
