@@ -1,9 +1,10 @@
 """The memory's rules on plain lists: the one reference model the tests hold wmgen to.
 
 Written from the rules as the README states them, not from wmgen's code: a window of
-at most `capacity` entries, the first `keep` pinned; a token arriving at a full
-window first drops what the policy picks; a prompt read at once drops what does not
-fit the same way (its last token always stays). Under the attention policy, scores
+at most `capacity` entries, some pinned (the first `keep` read, and any an edit
+pins), which no policy drops; a token arriving at a full window first drops what the
+policy picks; a prompt read at once drops what does not fit the same way (its last
+token always stays). Edits (forget, insert, pin, unpin) act on the list directly. Under the attention policy, scores
 come from `attend`, which the tests build on `transformers`' eager attention.
 """
 
@@ -23,6 +24,8 @@ class Entry:
     logprob: float | None = None
     received: float = 0.0  # attention received, summed over the queries counted
     queries: int = 0
+    pinned: bool = False
+    new: bool = False  # read, its query not yet run
 
     @property
     def score(self) -> float:
@@ -53,7 +56,6 @@ class Reference:
     seen: int = 0
     evicted: int = 0
     evictions: int = 0
-    pending: int = 0  # tokens read whose queries have not run yet
     last_dropped: list[int] = field(default_factory=list)
 
     def __post_init__(self):
@@ -66,34 +68,55 @@ class Reference:
 
     def choose(self, entries: list[Entry], n: int) -> list[int]:
         """Which of `entries` go when at least `n` must: indices, ascending."""
-        k = self.keep
+        free = [i for i, e in enumerate(entries) if not e.pinned]
         if self.policy == "oldest":
-            return list(range(k, k + n))
+            return free[:n]
         if self.policy == "boundary":
-            for i in range(k + n - 1, min(k + n + self.evict, len(entries))):
-                if i == k + n - 1 and ends_a_sentence(self.token_text(entries[i].token)):
+            for k in range(n - 1, min(n + self.evict, len(free))):
+                if k == n - 1 and ends_a_sentence(self.token_text(entries[free[k]].token)):
                     break  # the cut already follows a sentence end
-                if i >= k + n and ends_a_sentence(self.token_text(entries[i].token)):
-                    return list(range(k, i + 1))
-            return list(range(k, k + n))
-        candidates = list(range(k, len(entries) - self.recent))
+                if k >= n and ends_a_sentence(self.token_text(entries[free[k]].token)):
+                    return free[: k + 1]
+            return free[:n]
+        candidates = [i for i in free if i < len(entries) - self.recent]
+        if n >= len(candidates):
+            return free[:n]
         ranked = sorted(candidates, key=lambda i: (entries[i].score, i))
         return sorted(ranked[:n])
+
+    # --- edits, on the list itself ----------------------------------------------------
+
+    def forget(self, start: int, stop: int) -> None:
+        del self.held[start:stop]
+
+    def insert(self, index: int, tokens: list[int]) -> None:
+        need = len(self.held) + len(tokens) - self.capacity
+        if need > 0:
+            gone = self.choose(self.held, need)
+            index -= sum(1 for i in gone if i < index)
+            self.held = [e for i, e in enumerate(self.held) if i not in gone]
+            self.evictions += 1
+            self.evicted += len(gone)
+        self.held[index:index] = [Entry(t, "inserted", new=True) for t in tokens]
+        self.seen += len(tokens)
+
+    def set_pins(self, start: int, stop: int, value: bool) -> None:
+        for e in self.held[start:stop]:
+            e.pinned = value
 
     def push(self, entry: Entry, compute: bool = True) -> list[int]:
         """Read one token as `append` does; the window the model then sees."""
         self.stream.append(entry.token)
         if len(self.held) == self.capacity:
-            n = min(self.evict, len(self.held) - self.keep)
-            gone = self.choose(self.held, n)
-            self.pending -= sum(1 for i in gone if i >= len(self.held) - self.pending)
+            gone = self.choose(self.held, self.evict)
             self.held = [e for i, e in enumerate(self.held) if i not in gone]
             self.evictions += 1
             self.evicted += len(gone)
             self.last_dropped = gone
+        entry.pinned = entry.pinned or len(self.held) < self.keep
+        entry.new = True
         self.held.append(entry)
         self.seen += 1
-        self.pending += 1
         if compute:
             self.run()
         return self.tokens
@@ -102,10 +125,12 @@ class Reference:
         """Read a prompt at once; how many of its tokens went unread."""
         self.stream += [e.token for e in entries]
         before = len(self.held)
+        for k, e in enumerate(entries):
+            e.pinned = e.pinned or before + k < self.keep
+            e.new = True
         combined = self.held + list(entries)
         overflow = len(combined) - self.capacity
         gone = self.choose(combined[:-1], overflow) if overflow > 0 else []
-        self.pending += len(entries) - sum(1 for i in gone if i >= len(combined) - self.pending - len(entries))
         self.held = [e for i, e in enumerate(combined) if i not in gone]
         from_memory = sum(1 for i in gone if i < before)
         if from_memory:
@@ -117,14 +142,28 @@ class Reference:
         return unread
 
     def run(self) -> None:
-        """The model reads the window: the pending tokens' queries count now."""
-        if self.policy == "attention" and self.pending:
-            received = self.attend(self.tokens, self.pending)
-            first = len(self.held) - self.pending
+        """The model reads the window: the new tokens' queries count now; each
+        entry counts the new queries after it."""
+        new = [j for j, e in enumerate(self.held) if e.new]
+        if self.policy == "attention" and new:
+            received = self.attend(self.tokens, new)
             for j, e in enumerate(self.held):
                 e.received += received[j]
-                e.queries += self.pending if j < first else len(self.held) - 1 - j
-        self.pending = 0
+                e.queries += sum(1 for q in new if q > j)
+        for e in self.held:
+            e.new = False
+
+
+def received_by_eager(eager, tokens: list[int], new: list[int]) -> list[float]:
+    """Attention the queries at `new` give each earlier slot, from transformers'
+    eager attention (`eager`: a model run with output_attentions): per query the
+    mean over layers and heads, summed over the queries."""
+    import torch
+
+    with torch.no_grad():
+        attentions = eager(torch.tensor([tokens]), output_attentions=True).attentions
+    mean = torch.stack(attentions)[:, 0].double().mean(dim=(0, 1))  # [T, T]: query, slot
+    return [float(sum(mean[q, j] for q in new if q > j)) for j in range(len(tokens))]
 
 
 def reference_windows(stream: list[int], capacity: int, keep: int, evict: int, **policy) -> list[list[int]]:

@@ -241,7 +241,7 @@ def test_keyboard_interrupt_in_the_loop_leaves_a_consistent_memory(lm):
             if count == 20:  # past evictions
                 raise KeyboardInterrupt
     assert len(mem.slots) == mem.fill <= mem.capacity
-    assert mem.valid <= mem.fill, "keys and values are never ahead of the slots"
+    assert mem.stale <= mem.fill, "keys and values are never ahead of the slots"
     assert mem.counters.evictions > 0
     more = lm.generate(" go on", memory=mem, max_new_tokens=3, temperature=0, ignore_eos=True)
     assert len(more.tokens) == 3

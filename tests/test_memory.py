@@ -15,7 +15,7 @@ from wmgen.errors import UsageError
 from wmgen.gpt2 import GPT2, GPT2Config
 from wmgen.memory import CONTINUED, GENERATED, PROMPT, WorkingMemory
 from wmgen.window import shape
-from reference import Entry, Reference
+from reference import Entry, Reference, received_by_eager
 
 VOCAB, N_POSITIONS = 50, 32
 SHAPE = dict(vocab_size=VOCAB, n_positions=N_POSITIONS, n_embd=16, n_layer=2, n_head=2)
@@ -62,15 +62,8 @@ class Words:
 WORDS = Words()
 
 
-def eager_attend(tokens: list[int], new: int) -> list[float]:
-    """Attention the last `new` tokens' queries give each earlier slot, from
-    transformers' eager attention: per query the mean over layers and heads,
-    summed over the queries."""
-    with torch.no_grad():
-        attentions = EAGER(torch.tensor([tokens]), output_attentions=True).attentions
-    mean = torch.stack(attentions)[:, 0].double().mean(dim=(0, 1))  # [T, T]: query, slot
-    T = len(tokens)
-    return [float(mean[T - new :, j][torch.arange(T - new, T) > j].sum()) for j in range(T)]
+def eager_attend(tokens: list[int], new: list[int]) -> list[float]:
+    return received_by_eager(EAGER, tokens, new)
 
 
 def reference_for(memory: WorkingMemory) -> Reference:

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import ok, one_line_error
-from reference import Reference, reference_greedy
+from reference import Reference, received_by_eager, reference_greedy
 from wmgen.cli import app
 
 PROMPT = "The lighthouse keeper climbed the stairs. It was late."
@@ -39,12 +39,8 @@ def reference(eager, tok, policy: str, capacity: int, keep: int, evict: int, rec
     """The reference memory for `policy`, and a step function: a fresh transformers
     forward over a window."""
 
-    def attend(tokens: list[int], new: int) -> list[float]:
-        with torch.no_grad():
-            attentions = eager(torch.tensor([tokens]), output_attentions=True).attentions
-        mean = torch.stack(attentions)[:, 0].double().mean(dim=(0, 1))
-        T = len(tokens)
-        return [float(mean[T - new :, j][torch.arange(T - new, T) > j].sum()) for j in range(T)]
+    def attend(tokens: list[int], new: list[int]) -> list[float]:
+        return received_by_eager(eager, tokens, new)
 
     def logits_of(window: list[int]) -> torch.Tensor:
         with torch.no_grad():
@@ -195,13 +191,19 @@ def test_bad_policy_settings_are_one_line_errors(tiny_dir, args, env, needle):
     assert needle in line
 
 
-def test_a_session_with_an_unknown_policy_is_refused_in_one_line(tiny_dir, home):
+@pytest.mark.parametrize("change, needle", [
+    ({"policy": "lru"}, "must be one of oldest, boundary, attention"),
+    ({"capacity": 4096}, "cannot be used with"),  # more than the model's positions
+    ({"policy": "attention", "recent": 10**6}, "'recent'"),
+])  # fmt: skip
+def test_a_session_that_cannot_fit_is_unusable_in_every_command_with_status_1(tiny_dir, home, change, needle):
     ok(invoke("generate", "-m", str(tiny_dir), "-n", "3", "-t", "0", PROMPT))
     path = home / "sessions" / "last.json"
     record = json.loads(path.read_text(encoding="utf-8"))
-    path.write_text(json.dumps(record | {"policy": "lru"}), encoding="utf-8")
-    line = one_line_error(invoke("generate", "-m", str(tiny_dir), "-c", "-n", "2", "more"), 2)
-    assert "session 'last'" in line and "'lru' is not one of oldest, boundary, attention" in line
+    path.write_text(json.dumps(record | change), encoding="utf-8")
+    for args in (["generate", "-m", str(tiny_dir), "-c", "-n", "2", "more"], ["inspect-memory", "--attention"]):
+        line = one_line_error(invoke(*args), 1)
+        assert "session 'last'" in line and "cannot be used" in line and needle in line, args
 
 
 def test_inspect_memory_shows_the_policy_and_each_slots_score(tiny_dir, home):

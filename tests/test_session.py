@@ -145,8 +145,9 @@ def test_generate_saves_the_final_memory_as_session_last(tiny_dir, ref_tok):
     record = read_session("last")
     prompt_ids = encode(ref_tok, PROMPT)
 
-    assert record["schema_version"] == 1
+    assert record["schema_version"] == 2
     assert (record["capacity"], record["keep"], record["evict"]) == (32, 2, 4)
+    assert [s["pinned"] for s in record["slots"]] == [True, True] + [False] * (len(record["slots"]) - 2), "--keep 2 pins the head"
     assert record["fill"] == len(record["slots"]) == len(prompt_ids) + 5
     assert tokens_of(record)[: len(prompt_ids)] == prompt_ids, "the prompt's tokens are not at the head of memory"
     for i, slot in enumerate(record["slots"]):
@@ -396,7 +397,8 @@ def test_a_snapshot_round_trips_through_save_and_load(tmp_path):
     snap = a_snapshot([5, 6, 7], tag="héllo ✓")
     session.write(tmp_path, "round", snap)
     loaded = session.read(tmp_path, "round")
-    assert {k: v for k, v in loaded.items() if k not in ("schema_version", "name", "saved_at", "created_at")} == snap
+    ours = ("schema_version", "name", "saved_at", "created_at")
+    assert {k: v for k, v in loaded.items() if k not in ours} == snap | {"pinned": 0}, "read back as written, pins counted"
 
 
 @pytest.mark.parametrize("where", ["json.dump", "os.replace", "os.fsync"])

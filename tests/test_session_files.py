@@ -2,7 +2,7 @@
 checked once, when read, against the schema; only regular files of bounded size are
 opened; nothing a user made is replaced; one bad file never hides the others.
 
-No model runs here: snapshots are built with `wmgen.window.describe`, as a memory
+No model runs here: snapshots are built with `wmgen.snapshot.describe`, as a memory
 builds them, and files are written with `sessions.write`."""
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from wmgen import session as sessions
 from wmgen.errors import SessionError
 from wmgen.policies import Slot
-from wmgen.window import Shape, describe
+from wmgen.snapshot import describe
+from wmgen.window import Shape
 
 TOKENIZER = "a" * 16
 OTHER_TOKENIZER = "b" * 16
@@ -101,7 +102,8 @@ values = st.one_of(near_misses, json_values)
 TOP = ["schema_version", "name", "saved_at", "created_at", "capacity", "keep", "evict", "fill", "kv_bytes",
        "kv_bytes_per_token", "counters", "model", "tokenizer", "sampling", "text", "slots", "policy", "recent"]  # fmt: skip
 COUNTER_KEYS = ["evictions", "evicted", "recomputed", "seen"]
-SLOT_KEYS = ["slot", "position", "token", "origin", "logprob", "pinned", "text", "score", "queries"]
+SLOT_KEYS = ["slot", "position", "token", "origin", "logprob", "pinned", "new", "text", "score", "queries"]
+MAX_INT = 2**53 - 1  # every count stays exact as a double (jq's numbers)
 fields = st.one_of(
     st.sampled_from([(k,) for k in TOP]),
     st.sampled_from([("counters", k) for k in COUNTER_KEYS]),
@@ -113,21 +115,31 @@ def is_int(v) -> bool:
     return type(v) is int
 
 
+def count(v, low: int = 0) -> bool:
+    return is_int(v) and low <= v <= MAX_INT
+
+
+def number(v) -> bool:
+    return type(v) in (int, float) and not math.isnan(v)
+
+
 def valid_slot(i: int, key: str, v) -> bool:
     """Whether slot `i` of the base snapshot is still valid with `key` set to `v`
     (an expectation written apart from the validator, from the schema's prose)."""
     if v is MISSING:
-        return key in ("text", "score", "queries")
+        return key in ("text", "score", "queries", "new")
     return {
         "slot": lambda: is_int(v) and v == i,
         "position": lambda: is_int(v) and 0 <= v < CAPACITY,
-        "token": lambda: is_int(v) and v >= 0,
-        "origin": lambda: v in ("prompt", "generated", "continued") and isinstance(v, str),
-        "logprob": lambda: v is None or (type(v) in (int, float) and not math.isnan(v) and v != math.inf),
+        "token": lambda: count(v),
+        "origin": lambda: v in ("prompt", "generated", "continued", "inserted") and isinstance(v, str),
+        # a log-probability: at most 0 (and float rounding), above what float32 logits can give, or -inf
+        "logprob": lambda: v is None or (number(v) and (v == -math.inf or -1e4 <= v <= 1e-6)),
         "pinned": lambda: type(v) is bool,
+        "new": lambda: type(v) is bool,
         "text": lambda: isinstance(v, str),
-        "score": lambda: v is None or (type(v) in (int, float) and not math.isnan(v)),
-        "queries": lambda: is_int(v) and v >= 0,
+        "score": lambda: v is None or (number(v) and 0 <= v <= 1 + 1e-6),  # a mean share of attention
+        "queries": lambda: count(v),
     }[key]()
 
 
@@ -135,20 +147,22 @@ def valid_top(key: str, v, base: dict) -> bool:
     if v is MISSING:
         return key in ("name", "saved_at", "created_at", "sampling", "text", "policy", "recent")
     cap, keep, evict, fill = (base[k] for k in ("capacity", "keep", "evict", "fill"))
+    pinned = sum(1 for s in base["slots"] if s["pinned"])
     return {
-        "schema_version": lambda: is_int(v) and v == 1,
-        "capacity": lambda: is_int(v) and v >= 2 and keep < v and evict <= v - keep and fill <= v,
-        "keep": lambda: is_int(v) and 0 <= v < cap and evict <= cap - v,
-        "evict": lambda: is_int(v) and 1 <= v <= cap - keep,
+        "schema_version": lambda: is_int(v) and v in (1, 2),  # 1 is read as 2
+        "capacity": lambda: count(v, 2) and keep < v and evict <= v - keep and fill <= v and pinned <= v - evict,
+        "keep": lambda: count(v) and v < cap and evict <= cap - v,
+        "evict": lambda: count(v, 1) and v <= cap - keep and pinned <= cap - v,
         "fill": lambda: is_int(v) and v == len(base["slots"]),
-        "kv_bytes": lambda: is_int(v) and v >= 0,
-        "kv_bytes_per_token": lambda: is_int(v) and v >= 0,
-        "counters": lambda: isinstance(v, dict) and sorted(v) == sorted(COUNTER_KEYS)
-        and all(is_int(x) and x >= 0 for x in v.values()),
+        "kv_bytes": lambda: count(v),
+        "kv_bytes_per_token": lambda: count(v),
+        "counters": lambda: isinstance(v, dict) and sorted(v) == sorted(COUNTER_KEYS) and all(count(x) for x in v.values()),
         "slots": lambda: isinstance(v, list) and len(v) == fill
-        and all(isinstance(s, dict) and all(valid_slot(i, k, s.get(k, MISSING)) for k in SLOT_KEYS) for i, s in enumerate(v)),
+        and all(isinstance(s, dict) and all(valid_slot(i, k, s.get(k, MISSING)) for k in SLOT_KEYS) for i, s in enumerate(v))
+        and sum(1 for s in v if s["pinned"]) <= cap - evict,
         "sampling": lambda: v is None or isinstance(v, dict),
-        "recent": lambda: is_int(v) and v >= 0,
+        "policy": lambda: v in ("oldest", "boundary", "attention"),
+        "recent": lambda: count(v),  # bounded by the shape only under the attention policy
     }.get(key, lambda: isinstance(v, str))()
 
 
@@ -188,7 +202,7 @@ def test_any_field_set_to_any_json_value_is_read_only_if_the_schema_allows_it(tm
     if field[0] == "slots" and len(field) == 3:
         expected = valid_slot(field[1], field[2], value)
     elif field[0] == "counters" and len(field) == 2:
-        expected = value is not MISSING and is_int(value) and value >= 0
+        expected = value is not MISSING and count(value)
     else:
         expected = valid_top(field[0], value, base_record)
     event("still valid" if expected else "refused")
@@ -211,17 +225,17 @@ def test_any_field_set_to_any_json_value_is_read_only_if_the_schema_allows_it(tm
     "field, value, named",
     [
         (("counters",), [1], "'counters' is a list of 1, must be an object"),
-        (("capacity",), -5, "'capacity' is -5, must be an integer >= 2"),
+        (("capacity",), -5, "'capacity' is -5, must be an integer in 2..2**53-1"),
         (("capacity",), 5, "'evict' is 4, must be at most 'capacity' - 'keep' = 3"),
         (("slots",), MISSING, "'slots' is missing"),
         (("fill",), 10**9, "'fill' is 1000000000, but 'slots' holds 6"),
-        (("keep",), True, "'keep' is true, must be an integer >= 0"),
-        (("capacity",), 16.0, "'capacity' is 16.0, must be an integer >= 2"),
+        (("keep",), True, "'keep' is true, must be an integer in 0..2**53-1"),
+        (("capacity",), 16.0, "'capacity' is 16.0, must be an integer in 2..2**53-1"),
         (("schema_version",), MISSING, "'schema_version' is missing"),
         (("schema_version",), "1", "'schema_version' is \"1\", must be an integer"),
-        (("slots", 4, "logprob"), math.nan, "'slots[4].logprob' is NaN, must be a finite number, -Infinity or null"),
+        (("slots", 4, "logprob"), math.nan, "'slots[4].logprob' is NaN, must be a number in [-1e4, 0], -Infinity or null"),
         (("slots", 4, "logprob"), math.inf, "'slots[4].logprob' is Infinity"),
-        (("slots", 2, "origin"), "typed", "'slots[2].origin' is \"typed\", must be one of prompt, generated, continued"),
+        (("slots", 2, "origin"), "typed", "'slots[2].origin' is \"typed\", must be one of prompt, generated, continued, inserted"),
         (("slots", 2, "slot"), 7, "'slots[2].slot' is 7, must be 2"),
         (("counters", "seen"), MISSING, "'counters.seen' is missing"),
         (("counters", "extra"), 1, "'counters' has an unknown key \"extra\""),
@@ -239,9 +253,9 @@ def test_the_reported_examples_are_one_line_errors_that_name_the_field(tmp_path,
 
 def test_another_schema_version_keeps_its_own_message(tmp_path):
     path = saved(tmp_path)
-    path.write_text(json.dumps(json.loads(path.read_text(encoding="utf-8")) | {"schema_version": 2}), encoding="utf-8")
+    path.write_text(json.dumps(json.loads(path.read_text(encoding="utf-8")) | {"schema_version": 3}), encoding="utf-8")
     assert read_error(tmp_path) == (
-        f"session 'last' ({path}) was written by another version of wmgen (schema 2, this one reads 1); "
+        f"session 'last' ({path}) was written by another version of wmgen (schema 3, this one reads up to 2); "
         "upgrade wmgen or delete it with: wmgen sessions --delete last"
     )
 
@@ -251,17 +265,22 @@ def test_policy_and_score_are_accepted_when_present_and_checked(tmp_path):
     record = json.loads(path.read_text(encoding="utf-8"))
     record["policy"] = "attention"
     for i, slot in enumerate(record["slots"]):
-        slot["score"] = None if i == 0 else 0.25 * i
+        slot["score"] = None if i == 0 else 0.15 * i
     path.write_text(json.dumps(record), encoding="utf-8")
     got = sessions.read(tmp_path, "last")
-    assert got["policy"] == "attention" and got["slots"][3]["score"] == 0.75
+    assert got["policy"] == "attention" and got["slots"][3]["score"] == 0.15 * 3
 
     record["slots"][3]["score"] = "high"
     path.write_text(json.dumps(record), encoding="utf-8")
-    assert "'slots[3].score' is \"high\", must be a number or null" in read_error(tmp_path)
+    assert "'slots[3].score' is \"high\", must be a number in [0, 1] or null" in read_error(tmp_path)
     record["slots"][3]["score"], record["policy"] = 0.5, 3
     path.write_text(json.dumps(record), encoding="utf-8")
-    assert "'policy' is 3, must be a string" in read_error(tmp_path)
+    assert "'policy' is 3, must be one of oldest, boundary, attention" in read_error(tmp_path)
+    record["policy"] = "attention"
+    record["slots"][3]["score"], record["slots"][3]["queries"] = 10**400, 10**400  # numbers no arithmetic here can use
+    path.write_text(json.dumps(record), encoding="utf-8")
+    message = read_error(tmp_path)
+    assert "'slots[3].score' is a number of 401 digits" in message and len(message) < 300
 
 
 def test_a_snapshot_that_would_not_read_back_is_not_written(tmp_path):

@@ -168,13 +168,7 @@ class Model:
         fit are dropped as the policy drops a prompt's."""
         from wmgen.memory import WorkingMemory
 
-        self.check_tokenizer(snapshot, source)
-        beyond = next((s for s in snapshot["slots"] if not 0 <= s["token"] < self.info.vocab_size), None)
-        if beyond is not None:
-            from wmgen.errors import SessionError
-
-            raise SessionError(f"{source} cannot be used: slot {beyond['slot']} holds token {beyond['token']}, "
-                               f"outside the vocabulary of {self.info.name} (0..{self.info.vocab_size - 1})")  # fmt: skip
+        self.check_snapshot(snapshot, source)
         if keep == "prompt":
             raise UsageError("keep 'prompt' pins a new memory's first tokens; a continued memory keeps a count (give a number)", key="keep")
         from wmgen.window import shape
@@ -192,12 +186,32 @@ class Model:
         except UsageError as e:
             if asked.get(e.key) is not None:
                 raise  # the caller's value
-            raise UsageError(f"{source}: {e}") from None
+            from wmgen.errors import SessionError
+
+            raise SessionError(f"{source} cannot be used with {self.info.name}: {e}") from None
         memory = WorkingMemory(self.network, s.capacity, s.keep, s.evict, policy=s.policy, recent=s.recent,
                                tokenizer=self.tokenizer, model_id=self.name)  # fmt: skip
         memory.restore(snapshot)
         memory.sampling = snapshot.get("sampling")
         return memory
+
+    def check_snapshot(self, snapshot: dict, source: str = "the snapshot") -> None:
+        """That this model can use a (validated) snapshot: its tokenizer, its token
+        ids, its shape; else `SessionError` ("cannot be used")."""
+        from wmgen.errors import SessionError
+        from wmgen.snapshot import shape_of
+        from wmgen.window import shape
+
+        self.check_tokenizer(snapshot, source)
+        beyond = next((s for s in snapshot["slots"] if not 0 <= s["token"] < self.info.vocab_size), None)
+        if beyond is not None:
+            raise SessionError(f"{source} cannot be used: slot {beyond['slot']} holds token {beyond['token']}, "
+                               f"outside the vocabulary of {self.info.name} (0..{self.info.vocab_size - 1})")  # fmt: skip
+        s = shape_of(snapshot)
+        try:
+            shape(s.capacity, s.keep, s.evict, self.n_positions, policy=s.policy, recent=s.recent)
+        except UsageError as e:
+            raise SessionError(f"{source} cannot be used with {self.info.name}: {e}") from None
 
     def check_tokenizer(self, snapshot: dict, source: str = "the snapshot") -> None:
         """A memory made with another tokenizer means other tokens: refuse it."""
@@ -245,10 +259,11 @@ class Model:
     @staticmethod
     def _recording(events: Iterator[Event], memory: WorkingMemory, sampling) -> Iterator[Event]:
         """The events, with the run's sampling settings (and seed) noted on the memory."""
-        for event in events:
-            if isinstance(event, Started):
-                memory.sampling = asdict(replace(sampling, seed=event.seed))
-            yield event
+        with memory.claimed():  # the whole run: another thread gets a UsageError, not a broken memory
+            for event in events:
+                if isinstance(event, Started):
+                    memory.sampling = asdict(replace(sampling, seed=event.seed))
+                yield event
 
     def stream(self, prompt: str | Sequence[int] = "", **options) -> Iterator[str]:
         """The generated text, piece by piece, exactly as the command line streams it:
@@ -333,14 +348,15 @@ class Model:
         """How `text` would fill a new memory, as a snapshot (tokenizer only, no
         weights read), with `prompt_tokens` and `unread` (tokens that would not fit)."""
         from wmgen import policies
-        from wmgen.window import describe, fit, kv_bytes_per_token
+        from wmgen.snapshot import describe
+        from wmgen.window import fit, kv_bytes_per_token
 
         ids = self.encode(text)
         if not ids:
             raise UsageError("the prompt is empty; give some text to preview")
         s = self.shape(capacity, keep, evict, policy=policy, recent=recent, prompt_tokens=min(len(ids), self.n_positions - 1))
-        policy_ = policies.make(s.policy, keep=s.keep, evict=s.evict, recent=s.recent, token_bytes=self.tokenizer.token_bytes)
-        kept, unread = fit([policies.Slot(t, "prompt") for t in ids], s.capacity, policy_)
+        policy_ = policies.make(s.policy, evict=s.evict, recent=s.recent, token_bytes=self.tokenizer.token_bytes)
+        kept, unread = fit([policies.Slot(t, "prompt", pinned=i < s.keep) for i, t in enumerate(ids)], s.capacity, policy_)
         value_bytes = 2 if self.settings.model.dtype in ("bfloat16", "float16") else 4
         snap = describe(
             kept, s, counters={"evictions": 0, "evicted": 0, "recomputed": 0, "seen": len(kept)},
@@ -350,13 +366,13 @@ class Model:
         )  # fmt: skip
         return snap | {"prompt_tokens": len(ids), "unread": unread}
 
-    def attention(self, snapshot: dict, layer: int | None = None) -> list[float]:
+    def attention(self, snapshot: dict, layer: int | None = None, *, source: str = "the snapshot") -> list[float]:
         """Per slot of a snapshot, the share of attention the last slot's query (the
         one that predicts the next token) gives it: the mean over heads, and over
         layers unless `layer` is given. The shares sum to 1."""
         from wmgen.memory import WorkingMemory
 
-        self.check_tokenizer(snapshot)
+        self.check_snapshot(snapshot, source)
         fill = len(snapshot["slots"])
         if not fill:
             raise UsageError("the memory is empty: nothing to attend to")
@@ -365,7 +381,7 @@ class Model:
         if fill > self.n_positions:
             raise UsageError(f"the memory holds {fill} tokens, more than {self.info.name} can read ({self.n_positions})")
         memory = WorkingMemory(self.network, max(2, fill), 0, 1)
-        memory.restore(snapshot | {"keep": 0})
+        memory.restore(snapshot | {"keep": 0, "slots": [slot | {"pinned": False} for slot in snapshot["slots"]]})
         weights = memory.attention()  # [layers, heads, fill]
         picked = weights.mean(dim=(0, 1)) if layer is None else weights[layer].mean(dim=0)
         return [round(float(x), 6) for x in picked]

@@ -667,23 +667,22 @@ def inspect_memory(
         if any(v is not None for v in (capacity, keep, evict, policy, recent)):
             raise UsageError("--capacity, --keep, --evict, --policy and --recent shape a --prompt preview; a saved session keeps its own")
         name = sessions.check_name("last" if session is None else session)
-        snap = sessions.read(state_dir(os.environ), name)
+        snap = sessions.read(state_dir(os.environ), name) | {"name": name}  # the name asked for, not the one inside a copied file
         lm = None
         if attention:
             flags = dict(model=model or snap.get("model"), device=device, dtype=dtype)
             lm = open_model(build_settings(flags, config, quiet=False), color=not no_color)
     if attention:
         try:
-            snap["attention"] = {"layer": layer, "shares": lm.attention(snap, layer)}
+            source = "the preview" if prompt is not None else f"session '{name}'"
+            snap["attention"] = {"layer": layer, "shares": lm.attention(snap, layer, source=source)}
         except UsageError as e:
             raise UsageError(f"--{e}") if e.key == "layer" else e from None
 
     if as_json:
-        import json
+        from wmgen.render import put_line, select_slots
 
-        from wmgen.render import put, select_slots
-
-        put(sys.stdout, json.dumps(snap | {"slots": select_slots(snap["slots"], head, tail)}, ensure_ascii=False, indent=1) + "\n")
+        put_line(sys.stdout, snap | {"slots": select_slots(snap["slots"], head, tail)}, indent=1)
     elif as_text:
         from wmgen.render import put
 
@@ -714,9 +713,9 @@ def list_sessions(
         return
     rows = sessions.listing(state)
     if as_json:
-        import json
+        from wmgen.render import put_line
 
-        put(sys.stdout, json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
+        put_line(sys.stdout, rows, indent=1)
     elif not sys.stdout.isatty():
         from wmgen.render import session_lines
 
@@ -845,10 +844,10 @@ def perplexity(
 
     about = {"model": lm.name, "file": file, "text_tokens": len(ids)}
     if as_json:
-        import json
+        from wmgen.render import put_line
 
         data = [r.as_dict() | about for r in results] if grid else results[0].as_dict() | about
-        put(sys.stdout, json.dumps(data, indent=1) + "\n")
+        put_line(sys.stdout, data, indent=1)
     else:
         from wmgen.render import score_table
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,6 +312,29 @@ class KVStore:
         view.keys, view.values = self.keys[:, r : r + 1], self.values[:, r : r + 1]
         return view
 
+    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write `k`, `v` `[B, H, T, D]` at slots `start..start+T-1` of `layer`; the
+        keys and values of slots `0..start+T-1`, `[B, H, start+T, D]` (views)."""
+        end = start + k.shape[2]
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def update_rows(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write one key and value per row, `k`, `v` `[B, H, D]`, row r's at slot
+        `slots[r]` of `layer`; the layer's whole keys and values `[B, H, S, D]`."""
+        keys, values = self.keys[layer], self.values[layer]
+        rows = torch.arange(keys.shape[0], device=keys.device)
+        keys[rows, :, slots] = k.to(keys.dtype)
+        values[rows, :, slots] = v.to(values.dtype)
+        return keys, values
+
+    def copy_from(self, other: "KVStore", slots: int) -> None:
+        """The first `slots` keys and values of every layer, copied from `other` (a fork)."""
+        self.keys[:, :, :, :slots] = other.keys[:, :, :, :slots]
+        self.values[:, :, :, :slots] = other.values[:, :, :, :slots]
+
 
 class GPT2:
     """The GPT-2 network as functions over its weight tensors."""
@@ -467,7 +490,7 @@ class GPT2:
         attn_mask: Tensor | None = None,
         attention_out: list[Tensor] | None = None,
         received: Tensor | None = None,
-        counted: int = 0,
+        queries: Sequence[int] = (),
     ) -> Tensor:
         """Hidden states `[B, T, E]` (after the final layer norm) for `ids` `[B, T]`
         placed at slots and positions `start..start+T-1`.
@@ -476,9 +499,9 @@ class GPT2:
         slots each query may attend to; otherwise the pass is causal. When
         `attention_out` is a list, the last query's attention weights over the
         slots, `[B, H, start+T]`, are appended to it per layer. When `received` is a
-        float32 `[B, start+T]` tensor, the attention the last `counted` queries give
-        each slot before their own is added to it, summed over queries, heads and
-        layers (causal passes only).
+        float32 `[B, start+T]` tensor, the attention that the `queries` (indices
+        into this pass's T tokens) give each slot before their own is added to it,
+        summed over queries, heads and layers (causal passes only).
         """
         cfg = self.config
         B, T = ids.shape
@@ -492,25 +515,22 @@ class GPT2:
         causal = attn_mask is None and T > 1
         group = Int8Linear.GROUP if B == 1 else 1  # int8 never quantizes two sequences together
         eps = cfg.layer_norm_epsilon
-        scoring = received is not None and counted > 0
+        scoring = received is not None and len(queries) > 0
         own = torch.full((B,), end - 1, device=self.device) if scoring and T == 1 else None
+        counted = torch.tensor(list(queries), device=self.device) if scoring and T > 1 else None
         for layer, b in enumerate(self.blocks):
             h = F.layer_norm(x, (E,), *b.ln_1, eps)
             qkv = b.c_attn(h.view(B * T, E), group)
             q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
-            keys = store.keys[layer]
-            values = store.values[layer]
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = v
-            k_all, v_all = keys[:, :, :end], values[:, :, :end]
-            q = q.to(keys.dtype)
+            k_all, v_all = store.update(layer, start, k, v)
+            q = q.to(k_all.dtype)
             if attention_out is not None:
                 attention_out.append(last_query_attention(q, k_all, attn_mask, self.scale))
             if own is not None:
                 a = attend_received(q, k_all, v_all, self.scale, received, own)
             else:
-                if scoring:
-                    receive(q[:, :, T - counted :], k_all, self.scale, received, end - counted)
+                if counted is not None:
+                    receive(q[:, :, counted], k_all, self.scale, received, counted + start)
                 a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask, is_causal=causal)
             a = a.transpose(1, 2).reshape(B * T, E).to(x.dtype)
             x = x + b.c_proj(a, group).view(B, T, E)
@@ -528,16 +548,13 @@ class GPT2:
         B, H, D, E = ids.shape[0], cfg.n_head, cfg.head_dim, cfg.n_embd
         x = self.embed(ids) + self.wpe[positions]
         seen = (torch.arange(width, device=self.device)[None, :] <= slots[:, None])[:, None, None, :]
-        rows = torch.arange(B, device=self.device)
         rounded = store.keys.dtype != x.dtype  # keys and values kept in a narrower dtype than activations
         ends = (slots + 1).tolist() if rounded else None
         eps = cfg.layer_norm_epsilon
         for layer, b in enumerate(self.blocks):
             h = F.layer_norm(x, (E,), *b.ln_1, eps)
             q, k, v = b.c_attn(h, 1).view(B, 3, H, D).unbind(1)  # rows are sequences: group 1
-            keys, values = store.keys[layer], store.values[layer]
-            keys[rows, :, slots] = k.to(keys.dtype)
-            values[rows, :, slots] = v.to(values.dtype)
+            keys, values = store.update_rows(layer, slots, k, v)
             q = q.to(keys.dtype)
             if received is not None:
                 a = attend_received(q[:, :, None], keys[:, :, :width], values[:, :, :width], self.scale, received, slots)
@@ -612,15 +629,15 @@ def attend_received(q: Tensor, k: Tensor, v: Tensor, scale: float, received: Ten
     return weights.to(v.dtype) @ v
 
 
-def receive(q: Tensor, k: Tensor, scale: float, received: Tensor, first: int, chunk: int = 256) -> None:
+def receive(q: Tensor, k: Tensor, scale: float, received: Tensor, at: Tensor, chunk: int = 256) -> None:
     """Add to `received` `[B, S]` the attention that queries `q` `[B, H, T, D]`, at
-    slots `first..first+T-1`, give each slot before their own (causal), summed over
-    queries and heads. In chunks of queries, to bound the `[T, S]` weights held."""
+    slots `at` `[T]`, give each slot before their own (causal), summed over queries
+    and heads. In chunks of queries, to bound the `[T, S]` weights held."""
     S = k.shape[2]
     slots = torch.arange(S, device=k.device)
     for i in range(0, q.shape[2], chunk):
         part = q[:, :, i : i + chunk]
-        own = torch.arange(first + i, first + i + part.shape[2], device=k.device)
+        own = at[i : i + chunk]
         scores = (part @ k.transpose(-1, -2)).float() * scale  # [B, H, t, S]
         weights = scores.masked_fill(slots[None, :] > own[:, None], float("-inf")).softmax(-1)
         received += weights.masked_fill(slots[None, :] >= own[:, None], 0).sum((1, 2))

@@ -1,32 +1,38 @@
 """WorkingMemory: the bounded window of tokens the model holds in mind, and the keys
 and values every layer computed for them.
 
-At most `capacity` tokens, one `Slot` record each; the first `keep` are pinned
-(`keep="prompt"`: as many as the first tokens read into the empty memory). When a
-token arrives and the memory is full, its policy (`wmgen.policies`; by default the
-oldest) picks `evict` unpinned tokens to evict. GPT-2's positions are absolute, so
-the keys and values from the first evicted slot on are then stale: they are
-recomputed, at compacted positions, in the same batched forward pass that reads the
-next token(s). Between evictions a token costs one incremental step. Under the
-attention policy every pass also credits each slot with the attention the new
-tokens' queries gave it.
+At most `capacity` tokens, one `Slot` record each. A slot may be pinned, wherever it
+sits: no policy drops it (`keep` pins the first tokens read; `keep="prompt"`: as many
+as the first read into the empty memory). When a token arrives and the memory is
+full, its policy (`wmgen.policies`; by default the oldest) picks `evict` unpinned
+tokens to evict. GPT-2's positions are absolute, so the keys and values from the
+first changed slot on are then stale: the memory's `stale` is that slot, and the
+next pass recomputes from it, at compacted positions, in the same batched forward
+pass that reads the next token(s). Edits (forget, insert, pin, rollback) work the
+same way: they change slots and move `stale` back, and nothing before it is run
+again. Between changes a token costs one incremental step. Under the attention
+policy every pass also credits each slot with the attention the new slots' queries
+gave it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor
 
-from wmgen.errors import UsageError
 from wmgen import policies
+from wmgen.errors import UsageError
 from wmgen.gpt2 import GPT2, KVStore
 from wmgen.policies import Slot
-from wmgen.window import Shape, describe, fit, kv_bytes_per_token, shape
+from wmgen.snapshot import Snapshot, describe, slots_of
+from wmgen.window import Shape, check_pins, fit, kv_bytes_per_token, shape
 
-PROMPT, GENERATED, CONTINUED = "prompt", "generated", "continued"
+PROMPT, GENERATED, CONTINUED, INSERTED = "prompt", "generated", "continued", "inserted"
 
 
 @dataclass
@@ -37,12 +43,24 @@ class Counters:
     seen: int = 0  # tokens read into memory, in total
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A memory's state at one moment, to go back to (`WorkingMemory.rollback`)."""
+
+    slots: tuple[Slot, ...]
+    counters: Counters
+    shape: Shape
+    sampling: dict | None = None
+    last_evicted: tuple[int, ...] = field(default=())
+
+
 class WorkingMemory:
     """A bounded window of tokens and their keys and values; see the module's doc.
 
     `tokenizer`, `model_id` and `sampling` (the settings of the last run, with its
     seed) are what a snapshot says about the memory besides its slots; the library
-    sets them. Not thread-safe: one memory serves one run at a time."""
+    sets them. One call at a time: a memory used from two threads at once raises
+    `UsageError` in the second."""
 
     def __init__(self, model: GPT2, capacity: int, keep: int | str = 0, evict: int | None = None, *,
                  policy: str = "oldest", recent: int | None = None, store: KVStore | None = None,
@@ -56,15 +74,16 @@ class WorkingMemory:
         self.model_id = model_id
         self.sampling: dict | None = None
         self.slots: list[Slot] = []
-        self.valid = 0  # leading slots whose keys/values are current
+        self.stale = 0  # the first slot whose keys/values are not current; all from it on are run again
         self.counters = Counters()
         self.last_evicted: tuple[int, ...] = ()  # the positions the latest eviction dropped
-        self.unrun = 0  # the newest slots, read but not yet run through the model
+        self._guard = threading.Lock()
+        self._user: int | None = None  # the thread using the memory now
 
     def _reshape(self, s: Shape) -> None:
         self.shape = s
         token_bytes = self.tokenizer.token_bytes if self.tokenizer is not None else None
-        self.policy = policies.make(s.policy, keep=s.keep, evict=s.evict, recent=s.recent, token_bytes=token_bytes)
+        self.policy = policies.make(s.policy, evict=s.evict, recent=s.recent, token_bytes=token_bytes)
 
     def _settle(self, prompt_tokens: int) -> None:
         """`keep="prompt"`: pin the first tokens read (and default `evict` to suit)."""
@@ -72,6 +91,23 @@ class WorkingMemory:
             evict, policy, recent = self._asked
             self._reshape(shape(self.capacity, prompt_tokens, evict, self.model.config.n_positions, policy=policy, recent=recent))
             self.pin_prompt = False
+
+    @contextmanager
+    def claimed(self) -> Iterator[None]:
+        """Hold the memory for one call (or one whole run, as `Model.events` does);
+        another thread that tries meanwhile gets a `UsageError`, not a broken memory."""
+        me = threading.get_ident()
+        with self._guard:
+            if self._user is not None and self._user != me:
+                raise UsageError("this memory is in use by another thread; a memory serves one call at a time "
+                                 "(give each thread its own, with Model.memory or WorkingMemory.fork)")  # fmt: skip
+            outer = self._user is None
+            self._user = me
+        try:
+            yield
+        finally:
+            if outer:
+                self._user = None
 
     @property
     def capacity(self) -> int:
@@ -101,19 +137,32 @@ class WorkingMemory:
         return [s.token for s in self.slots]
 
     @property
+    def pinned(self) -> list[int]:
+        """The pinned slots' indices."""
+        return [i for i, s in enumerate(self.slots) if s.pinned]
+
+    @property
+    def pending(self) -> int:
+        """Slots whose keys and values the next pass computes (new or stale)."""
+        return self.fill - self.stale
+
+    @property
     def text(self) -> str:
         """The text of the tokens in memory (needs `tokenizer`)."""
         return self.tokenizer.decode(self.tokens) if self.tokenizer is not None else ""
 
     @property
     def kv_bytes_per_token(self) -> int:
+        """What the store holds per token: a key and a value per layer, in its dtype."""
         c = self.model.config
-        return kv_bytes_per_token(c.n_layer, c.n_embd, self.model.dtype.itemsize)
+        return kv_bytes_per_token(c.n_layer, c.n_embd, self.store.keys.dtype.itemsize)
 
     @property
     def kv_bytes(self) -> int:
         """Bytes of keys and values held for the tokens in memory."""
         return self.kv_bytes_per_token * self.fill
+
+    # --- reading ---------------------------------------------------------------------
 
     def append(self, token: int, *, origin: str = GENERATED, logprob: float | None = None, compute: bool = True):
         """Read one token; the logits `[V]` for the token after it (None without `compute`)."""
@@ -136,88 +185,256 @@ class WorkingMemory:
         ids = list(ids)
         if not ids:
             raise ValueError("feed needs at least one token")
-        self._settle(len(ids))
-        logprobs = list(logprobs) if logprobs is not None else [None] * len(ids)
-        out = []
-        i = 0
-        while i < len(ids):
-            if self.fill == self.capacity:
-                self._evict()
-            n = min(self.capacity - self.fill, len(ids) - i)
-            self.slots += [Slot(t, origin, lp) for t, lp in zip(ids[i : i + n], logprobs[i : i + n])]
-            self.unrun += n
-            self.counters.seen += n
-            if compute:
-                out.append(self._forward(n if all_logits else 1))
-            i += n
-        if not compute:
-            return None
-        return torch.cat(out) if all_logits else out[-1][-1]
+        with self.claimed():
+            self._settle(len(ids))
+            logprobs = list(logprobs) if logprobs is not None else [None] * len(ids)
+            out = []
+            i = 0
+            while i < len(ids):
+                if self.fill == self.capacity:
+                    self._evict()
+                n = min(self.capacity - self.fill, len(ids) - i)
+                self._add(ids[i : i + n], origin, logprobs[i : i + n])
+                if compute:
+                    out.append(self._forward(n if all_logits else 1))
+                i += n
+            if not compute:
+                return None
+            return torch.cat(out) if all_logits else out[-1][-1]
 
     def read(self, ids: Sequence[int], *, origin: str = PROMPT) -> tuple[Tensor, int]:
         """Read a prompt in one forward pass; the logits `[V]` for the token after it,
         and how many prompt tokens were dropped unread. What does not fit is dropped
-        at once, as the policy picks, from memory and prompt alike (the pinned head
-        and the prompt's last token stay)."""
+        at once, as the policy picks, from memory and prompt alike (pinned slots and
+        the prompt's last token stay). With no tokens, the logits after what the
+        memory holds (computing what an edit left stale)."""
         ids = list(ids)
         if not ids and not self.slots:
             raise ValueError("read needs at least one token")
-        self._settle(len(ids))
-        before = self.fill
-        self.slots += [Slot(t, origin) for t in ids]
-        self.unrun += len(ids)
-        overflow = self.fill - self.capacity
-        drop = self.policy.drop(self.slots[:-1], overflow) if overflow > 0 else []
-        from_memory = sum(1 for i in drop if i < before)
-        if drop:
-            self._drop(drop)
-        if from_memory:
-            self.counters.evictions += 1
-            self.counters.evicted += from_memory
-        unread = len(drop) - from_memory
-        self.counters.seen += len(ids) - unread
-        return self._forward(1)[-1], unread
+        with self.claimed():
+            self._settle(len(ids))
+            before = self.fill
+            self._add(ids, origin, [None] * len(ids))
+            overflow = self.fill - self.capacity
+            drop = self.policy.drop(self.slots[:-1], overflow) if overflow > 0 else []
+            if len(drop) < overflow:
+                raise UsageError(self._no_room(overflow))
+            from_memory = sum(1 for i in drop if i < before)
+            if drop:
+                self._drop(drop)
+            if from_memory:
+                self.counters.evictions += 1
+                self.counters.evicted += from_memory
+            unread = len(drop) - from_memory
+            self.counters.seen -= unread
+            return self._forward(1)[-1], unread
 
-    def restore(self, snapshot: dict) -> int:
+    def logits(self) -> Tensor:
+        """The logits `[V]` for the token after what the memory holds, computing
+        whatever is pending first (after an edit: from its first changed slot on)."""
+        with self.claimed():
+            if not self.slots:
+                raise UsageError("the memory is empty: read some text first")
+            return self._forward(1)[-1]
+
+    def _add(self, ids: Sequence[int], origin: str, logprobs: Sequence[float | None], at: int | None = None) -> None:
+        """New slots for `ids` (before slot `at`; default: at the end). Slots read
+        into the first `keep` places are pinned."""
+        at = self.fill if at is None else at
+        new = [Slot(t, origin, lp, pinned=at + k < self.keep and at == self.fill, new=True) for k, (t, lp) in enumerate(zip(ids, logprobs))]
+        self.slots[at:at] = new
+        self.stale = min(self.stale, at)
+        self.counters.seen += len(new)
+
+    # --- editing ---------------------------------------------------------------------
+
+    def forget(self, start: int, stop: int, *, pinned: bool = False) -> int:
+        """Drop slots `start..stop-1` (as `range` counts), anywhere; a span holding a
+        pinned slot only with `pinned=True`. Returns how many went. The slots after
+        them are recomputed at their new positions by the next pass."""
+        with self.claimed():
+            start, stop = self._span(start, stop)
+            held = [i for i in range(start, stop) if self.slots[i].pinned]
+            if held and not pinned:
+                raise UsageError(f"slots {start}..{stop - 1} hold {len(held)} pinned slot(s) (the first is {held[0]}); "
+                                 "unpin them first, or forget pinned slots explicitly", key="pinned")  # fmt: skip
+            self._drop(list(range(start, stop)))
+            return stop - start
+
+    def pin(self, start: int, stop: int) -> int:
+        """Pin slots `start..stop-1`: no policy drops them. Returns how many were not
+        pinned before. Refused when the pins would leave fewer than `evict` slots to
+        roll. Nothing is recomputed."""
+        return self._set_pins(start, stop, True)
+
+    def unpin(self, start: int, stop: int) -> int:
+        """Unpin slots `start..stop-1`; returns how many were pinned."""
+        return self._set_pins(start, stop, False)
+
+    def _set_pins(self, start: int, stop: int, value: bool) -> int:
+        with self.claimed():
+            start, stop = self._span(start, stop)
+            changed = [s for s in self.slots[start:stop] if s.pinned != value]
+            if value:
+                check_pins(len(self.pinned) + len(changed), self.capacity, self.evict)
+            for s in changed:
+                s.pinned = value
+            return len(changed)
+
+    def insert(self, index: int, ids: Sequence[int], *, origin: str = INSERTED) -> int:
+        """Read `ids` into memory before slot `index` (0..fill; fill appends), as
+        unpinned slots of `origin`. A full memory first evicts what its policy
+        picks to make room. Returns how many slots were evicted for it."""
+        ids = list(ids)
+        with self.claimed():
+            if not ids:
+                raise UsageError("nothing to insert: the text has no tokens")
+            if not _is_index(index) or not 0 <= index <= self.fill:
+                raise UsageError(f"insert before slot {index!r}: the memory has slots 0..{self.fill - 1}, "
+                                 f"so give 0..{self.fill} ({self.fill} appends)", key="index")  # fmt: skip
+            need = self.fill + len(ids) - self.capacity
+            evicted = 0
+            if need > 0:
+                drop = self.policy.drop(self.slots, need)
+                if len(drop) < need:
+                    raise UsageError(f"{len(ids)} tokens do not fit beside the {len(self.pinned)} pinned slots of capacity "
+                                     f"{self.capacity}; insert at most {self.capacity - len(self.pinned)}, or unpin some")  # fmt: skip
+                index -= sum(1 for i in drop if i < index)
+                self._drop(drop)
+                self.last_evicted = tuple(drop)
+                self.counters.evictions += 1
+                self.counters.evicted += len(drop)
+                evicted = len(drop)
+            self._add(ids, origin, [None] * len(ids), at=index)
+            return evicted
+
+    def find(self, text: str) -> list[tuple[int, int]]:
+        """Where `text` occurs in memory: `(start, stop)` spans of the slots that
+        hold each occurrence (as `range` counts), in order, not overlapping."""
+        if not isinstance(text, str) or not text:
+            raise UsageError("give some text to find", key="text")
+        pieces = [self.tokenizer.token_bytes(t) for t in self.tokens]
+        ends = []
+        total = 0
+        for p in pieces:
+            total += len(p)
+            ends.append(total)
+        whole, needle = b"".join(pieces), text.encode("utf-8", "surrogateescape")
+        spans, at = [], whole.find(needle)
+        import bisect
+
+        while at >= 0:
+            first = bisect.bisect_right(ends, at)
+            last = bisect.bisect_left(ends, at + len(needle))
+            spans.append((first, last + 1))
+            at = whole.find(needle, ends[last])
+        return spans
+
+    def checkpoint(self) -> Checkpoint:
+        """The memory as it is now, to `rollback` to (undo)."""
+        return Checkpoint(tuple(replace(s) for s in self.slots), replace(self.counters), self.shape, self.sampling, self.last_evicted)
+
+    def rollback(self, checkpoint: Checkpoint) -> None:
+        """Go back to `checkpoint` exactly: its slots, pins, scores, counters and
+        shape. Only the slots from the first one that differs from now on are
+        recomputed (by the next pass)."""
+        with self.claimed():
+            slots = [replace(s) for s in checkpoint.slots]
+            same = 0
+            for now, then in zip(self.slots[: self.stale], slots):
+                if now.token != then.token:
+                    break
+                same += 1
+            self._reshape(checkpoint.shape)
+            self.slots, self.stale = slots, same
+            self.counters = replace(checkpoint.counters)
+            self.sampling, self.last_evicted = checkpoint.sampling, checkpoint.last_evicted
+
+    def fork(self) -> WorkingMemory:
+        """A copy with its own keys and values (copied, so nothing is recomputed)."""
+        with self.claimed():
+            twin = WorkingMemory(self.model, self.capacity, self.keep, self.evict, policy=self.shape.policy,
+                                 recent=self.recent, tokenizer=self.tokenizer, model_id=self.model_id)  # fmt: skip
+            twin.pin_prompt, twin._asked = self.pin_prompt, self._asked
+            twin.store.copy_from(self.store, self.stale)
+            twin.slots, twin.stale = [replace(s) for s in self.slots], self.stale
+            twin.counters, twin.sampling, twin.last_evicted = replace(self.counters), self.sampling, self.last_evicted
+            return twin
+
+    def set_policy(self, policy: str, recent: int | None = None) -> None:
+        """Forget by another policy from now on (scores are kept for the slots)."""
+        with self.claimed():
+            self._reshape(shape(self.capacity, self.keep, self.evict, self.model.config.n_positions, policy=policy, recent=recent))
+
+    def _span(self, start, stop) -> tuple[int, int]:
+        if not (_is_index(start) and _is_index(stop)):
+            raise UsageError(f"a span is two slot numbers, not {start!r} and {stop!r}", key="span")
+        if not self.slots:
+            raise UsageError("the memory is empty: there are no slots to edit", key="span")
+        if not 0 <= start < stop <= self.fill:
+            why = "is empty" if start == stop else "is reversed" if start > stop else "is out of range"
+            raise UsageError(f"span {start}..{stop - 1} {why}: the memory has slots 0..{self.fill - 1}", key="span")
+        return start, stop
+
+    def _no_room(self, need: int) -> str:
+        return (f"{len(self.pinned)} pinned slots leave no room for {need} more in capacity {self.capacity}; "
+                "unpin some, or raise the capacity")  # fmt: skip
+
+    # --- as data ---------------------------------------------------------------------
+
+    def restore(self, snapshot: Snapshot) -> int:
         """Put a snapshot's tokens back without running the model (the next pass
-        computes their keys and values with its own tokens, in one batch). Tokens that
-        do not fit this memory are dropped like a prompt's; returns how many."""
+        computes their keys and values with its own tokens, in one batch), with
+        their pins and scores; when this memory pins another head than the
+        snapshot's `keep`, the head pins follow this one. Tokens that do not fit
+        this memory are dropped like a prompt's; returns how many."""
         if self.pin_prompt:
             raise UsageError("keep 'prompt' pins what a new memory reads first; to restore a memory, give a count", key="keep")
-        slots = [Slot(s["token"], s["origin"], s.get("logprob"), *scored(s)) for s in snapshot["slots"]]
-        self.slots, dropped = fit(slots, self.capacity, self.policy)
-        self.counters = Counters(**snapshot.get("counters", {}))
-        self.valid = 0
-        self.unrun = 0  # restored slots are recomputed, not read anew
-        return dropped
+        with self.claimed():
+            slots = slots_of(snapshot)
+            if self.keep != snapshot["keep"]:
+                for i, s in enumerate(slots):
+                    s.pinned = i < self.keep or (s.pinned and i >= snapshot["keep"])
+            check_pins(sum(s.pinned for s in slots), self.capacity, self.evict)
+            self.slots, dropped = fit(slots, self.capacity, self.policy)
+            self.counters = Counters(**snapshot.get("counters", {}))
+            self.stale = 0
+            return dropped
 
-    def snapshot(self) -> dict:
-        """The memory as plain data, as session files hold it; see `wmgen.window.describe`."""
+    def snapshot(self) -> Snapshot:
+        """The memory as plain data, as session files hold it; see `wmgen.snapshot`."""
         tok = self.tokenizer
-        return describe(
-            self.slots, self.shape, counters=asdict(self.counters),
-            kv_bytes_per_token=self.kv_bytes_per_token, token_text=tok.token_text if tok else None,
-            model=self.model_id, tokenizer=tok.fingerprint if tok else None, sampling=self.sampling, text=self.text,
-        )  # fmt: skip
+        with self.claimed():
+            return describe(
+                self.slots, self.shape, counters=asdict(self.counters),
+                kv_bytes_per_token=self.kv_bytes_per_token, token_text=tok.token_text if tok else None,
+                model=self.model_id, tokenizer=tok.fingerprint if tok else None, sampling=self.sampling, text=self.text,
+            )  # fmt: skip
 
     @torch.inference_mode()
     def attention(self) -> Tensor:
         """How the last slot's query (the one that predicts the next token) spreads
-        its attention over the slots: `[layers, heads, fill]`, rows summing to 1."""
+        its attention over the slots: `[layers, heads, fill]`, rows summing to 1.
+        Runs only what is pending (and the last slot)."""
         per_layer: list[Tensor] = []
-        ids = torch.tensor([self.tokens], device=self.model.device)
-        self.model.forward(ids, 0, self.store, attention_out=per_layer)
-        self.unrun = 0
-        self.valid = self.fill
+        with self.claimed():
+            if not self.slots:
+                raise UsageError("the memory is empty: nothing to attend to")
+            self._forward(1, attention_out=per_layer)
         return torch.stack(per_layer)[:, 0]
 
     def mark_computed(self) -> None:
         """Every slot's keys and values are current (a batched step computed them)."""
-        self.valid = self.fill
-        self.unrun = 0
+        for s in self.slots[self.stale :]:
+            s.new = False
+        self.stale = self.fill
+
+    # --- the engine ------------------------------------------------------------------
 
     def _evict(self) -> None:
-        drop = self.policy.drop(self.slots, min(self.evict, self.fill - self.keep))
+        drop = self.policy.drop(self.slots, self.evict)
+        if not drop:
+            raise UsageError(self._no_room(1))
         self._drop(drop)
         self.last_evicted = tuple(drop)
         self.counters.evictions += 1
@@ -227,43 +444,42 @@ class WorkingMemory:
         """Forget the slots at `indices` (ascending); from the first of them on, the
         keys and values no longer sit at their slots' positions."""
         gone = set(indices)
-        self.unrun -= sum(1 for i in gone if i >= self.fill - self.unrun)
         self.slots = [s for i, s in enumerate(self.slots) if i not in gone]
-        self.valid = min(self.valid, indices[0])
+        self.stale = min(self.stale, indices[0])
 
     @torch.inference_mode()
-    def _forward(self, last: int) -> Tensor:
-        """Compute keys/values for every slot from `valid` on (stale ones again,
-        new ones for the first time); the float32 logits of the last `last` slots."""
-        start = min(self.valid, self.fill - last)  # the logits wanted need their slots run
+    def _forward(self, last: int, attention_out: list[Tensor] | None = None) -> Tensor:
+        """Compute keys/values for every slot from `stale` on (stale ones again, new
+        ones for the first time); the float32 logits of the last `last` slots."""
+        start = min(self.stale, self.fill - last)  # the logits wanted need their slots run
         ids = torch.tensor([self.tokens[start:]], device=self.model.device)
-        fresh = self.unrun
-        received = torch.zeros(1, self.fill, device=self.model.device) if self.policy.scores else None
-        hidden = self.model.forward(ids, start, self.store, received=received, counted=fresh)
+        fresh = [i for i in range(start, self.fill) if self.slots[i].new]
+        received = torch.zeros(1, self.fill, device=self.model.device) if self.policy.scores and fresh else None
+        hidden = self.model.forward(ids, start, self.store, received=received, queries=[i - start for i in fresh],
+                                    attention_out=attention_out)  # fmt: skip
         # counted once the pass is done: an interrupted pass leaves them to the next
-        self.counters.recomputed += self.fill - start - fresh
-        self.unrun = 0
-        self.valid = self.fill
+        self.counters.recomputed += self.fill - start - len(fresh)
+        self.mark_computed()
         if received is not None:
             self.credit(received[0], fresh)
         return self.model.logits(hidden[0, -last:]).float()
 
-    def credit(self, received: Tensor, new: int) -> None:
-        """Add to each slot the attention the last `new` slots' queries gave it:
-        `received` `[fill]`, summed over those queries, layers and heads."""
+    def credit(self, received: Tensor, new: Sequence[int]) -> None:
+        """Add to each slot the attention the queries of the slots `new` gave it:
+        `received` `[fill]`, summed over those queries, layers and heads; each slot
+        counts the new queries after it."""
         c = self.model.config
-        first = self.fill - new  # the first new query's slot
         shares = (received / (c.n_layer * c.n_head)).tolist()
-        for j, (slot, share) in enumerate(zip(self.slots, shares)):
-            slot.attention += share
-            slot.queries += new if j < first else self.fill - 1 - j
+        fresh, later = set(new), 0
+        for j in range(self.fill - 1, -1, -1):
+            slot = self.slots[j]
+            slot.attention += shares[j]
+            slot.queries += later
+            later += j in fresh
 
 
-def scored(record: dict) -> tuple[float, int]:
-    """A snapshot slot's attention sum and query count (none before policies were)."""
-    queries = record.get("queries") or 0
-    score = record.get("score")
-    return (score * queries if score is not None and queries else 0.0), (queries if score is not None else 0)
+def _is_index(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class MemoryBatch:
@@ -287,7 +503,7 @@ class MemoryBatch:
         out = torch.zeros(len(self.rows), self.model.config.vocab_size)
         plain = [
             r for r, (m, t) in enumerate(zip(self.rows, tokens))
-            if t is not None and compute and m.fill < m.capacity and m.valid == m.fill
+            if t is not None and compute and m.fill < m.capacity and m.stale == m.fill
         ]  # fmt: skip
         batched = plain if len(plain) > 1 else []
         for r, (memory, token, lp) in enumerate(zip(self.rows, tokens, logprobs)):
@@ -323,5 +539,5 @@ class MemoryBatch:
             row = self.rows[r]
             row.mark_computed()
             if row.policy.scores:
-                row.credit(received[r, : row.fill], 1)
+                row.credit(received[r, : row.fill], [row.fill - 1])
         return self.model.batch_logits(hidden[batched]).float().cpu()

@@ -3,10 +3,11 @@ stderr."""
 
 from __future__ import annotations
 
-from typing import TextIO
-
 import json
+import math
+import unicodedata
 from dataclasses import asdict
+from typing import TextIO
 
 from wmgen.errors import OutputError
 from wmgen.events import Event, Evicted, Finished, Generation, Started, Token
@@ -50,7 +51,32 @@ class TextWriter:
 
 def put_line(out: TextIO, obj, *, indent: int | None = None) -> None:
     """One JSON document (on a line of its own unless indented), flushed."""
-    put(out, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
+    put(out, json_text(obj, indent=indent) + "\n")
+
+
+def json_text(obj, *, indent: int | None = None) -> str:
+    """`obj` as strict JSON, the only JSON wmgen prints: a number that is not finite
+    (an infinite score, a log-probability of -inf, a NaN) is null, as JSON has no
+    Infinity or NaN; a string that is not valid Unicode (a lone surrogate from a
+    session file) is written with `\\u` escapes, as UTF-8 cannot carry it."""
+    obj = finite(obj)
+    text = json.dumps(obj, ensure_ascii=False, indent=indent, allow_nan=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, ensure_ascii=True, indent=indent, allow_nan=False)
+    return text
+
+
+def finite(obj):
+    """`obj` with every float that is not finite replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def end_record(f: Finished) -> dict:
@@ -127,19 +153,74 @@ def stats_line(f: Finished) -> str:
 # --- inspect-memory views ------------------------------------------------------
 
 VISIBLE = str.maketrans({" ": "·", "\n": "↵", "\t": "→", "\r": "␍"})
+HEADER_WIDTH = 100  # a header value or a listed model longer than this is cut in the middle
+TOKEN_WIDTH = 80  # the text of one slot (a real GPT-2 token is far shorter)
+
+# characters a one-line place shows as escapes: controls (line feeds, tabs, terminal
+# escapes, NEL), format characters (bidi overrides, zero widths), line and paragraph
+# separators, and lone surrogates
+ESCAPED = frozenset(("Cc", "Cf", "Cs", "Zl", "Zp"))
+SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def visible(text: str) -> str:
-    """Token text with whitespace made visible."""
-    return text.translate(VISIBLE)
+def escape(c: str) -> str:
+    if c in SHORT_ESCAPES:
+        return SHORT_ESCAPES[c]
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def one_line(text: str, width: int | None = None) -> str:
+    """A user-controlled string (a model, a policy, a path, a token's text) made fit
+    for a one-line place, a header row or a listing line: control characters, line
+    and paragraph separators and lone surrogates are shown as escapes (`\\n`,
+    `\\t`, `\\x1b`, `\\u2028`), and with a `width`, a longer string is cut in the
+    middle to `width` characters, `…` marking the cut. The one place for it."""
+    pieces = [escape(c) if unicodedata.category(c) in ESCAPED else c for c in text]
+    if width is None or sum(map(len, pieces)) <= width:
+        return "".join(pieces)
+    head, tail, room = [], [], width - 1
+    for take_head in (True, False):  # the head gets the larger half
+        budget = (room + 1) // 2 if take_head else room - sum(map(len, head))
+        source = pieces if take_head else reversed(pieces)
+        kept = head if take_head else tail
+        for piece in source:
+            if len(piece) > budget:
+                break
+            kept.append(piece)
+            budget -= len(piece)
+    return "".join(head) + "…" + "".join(reversed(tail))
+
+
+def shown(value, width: int | None = HEADER_WIDTH, absent: str = "—") -> str:
+    """A value from a snapshot as one line: `absent` when it is missing or null."""
+    return absent if value is None else one_line(str(value), width)
+
+
+def visible(text: str, width: int | None = None) -> str:
+    """Token text with whitespace made visible (`·` `↵` `→` `␍`) and other control
+    characters escaped, so that it stays on its line."""
+    return one_line(text.translate(VISIBLE), width)
+
+
+def figure(value, digits: int) -> str:
+    """A number with `digits` decimals; a huge one in e-notation, one too large for a
+    float as `inf`."""
+    try:
+        x = float(value)
+    except OverflowError:
+        x = math.inf if value > 0 else -math.inf
+    return f"{x:.{digits}f}" if not math.isfinite(x) or abs(x) < 1e9 else f"{x:.3e}"
 
 
 def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+    if n < 1024:
+        return f"{n} B"
+    for unit, size in (("KiB", 2**10), ("MiB", 2**20), ("GiB", 2**30)):
+        if n < 1024 * size or unit == "GiB":
+            value = n / size if n < 2**1000 else math.inf  # n / size overflows a float from 2**1024
+            return f"{value:.1f} {unit}" if value < 1e6 else f"{value:.3g} {unit}"
+    raise AssertionError("unreachable")
 
 
 def fill_bar(fill: int, capacity: int, width: int = 30) -> str:
@@ -147,12 +228,14 @@ def fill_bar(fill: int, capacity: int, width: int = 30) -> str:
     return "█" * full + "░" * (width - full)
 
 
-def memory_header(snap: dict) -> list[tuple[str, str]]:
+def memory_header(snap: dict, width: int = HEADER_WIDTH) -> list[tuple[str, str]]:
+    """(key, value) rows; every value is one line of at most `width` characters,
+    whatever the snapshot holds."""
     c = snap.get("counters", {})
     pinned = min(snap["keep"], snap["fill"])
     rows = [
         ("session", snap.get("name", "(preview)")),
-        ("model", str(snap.get("model", "?"))),
+        ("model", shown(snap.get("model"), None, absent="?")),
         ("fill", f"{fill_bar(snap['fill'], snap['capacity'])} {snap['fill']}/{snap['capacity']} tokens"),
         ("pinned", f"{pinned} (keep {snap['keep']})"),
         ("evict", f"{snap['evict']} tokens at a time"),
@@ -161,18 +244,22 @@ def memory_header(snap: dict) -> list[tuple[str, str]]:
         ("tokens seen", str(c.get("seen", snap["fill"]))),
         ("kv held", f"{human_bytes(snap['kv_bytes'])} ({human_bytes(snap['kv_bytes_per_token'])} per token)"),
     ]
-    if "prompt_tokens" in snap:
-        rows.append(("prompt", f"{snap['prompt_tokens']} tokens, {snap.get('unread', 0)} unread (did not fit)"))
+    if snap.get("prompt_tokens") is not None:
+        rows.append(("prompt", f"{shown(snap['prompt_tokens'], None)} tokens, {shown(snap.get('unread'), None, absent='0')} unread (did not fit)"))
     if snap.get("saved_at"):
         rows.append(("saved", snap["saved_at"]))
-    return rows
+    return [(k, one_line(str(v), width)) for k, v in rows]
 
 
 def policy_words(snap: dict) -> str:
-    policy = snap.get("policy", "oldest")
+    policy = snap.get("policy") or "oldest"
     if policy == "attention":
-        return f"attention (the least attended go; the last {snap.get('recent')} tokens stay)"
-    return {"oldest": "oldest (the oldest unpinned tokens go)", "boundary": "boundary (the oldest go, up to a sentence end)"}.get(policy, policy)
+        recent = snap.get("recent")
+        if recent is None:  # a session from before `recent` was saved: -c takes the default
+            return "attention (the least attended go; recent not saved)"
+        return f"attention (the least attended go; the last {shown(recent, None)} tokens stay)"
+    words = {"oldest": "oldest (the oldest unpinned tokens go)", "boundary": "boundary (the oldest go, up to a sentence end)"}
+    return words.get(policy, shown(policy, None))
 
 
 def select_slots(slots: list[dict], head: int | None, tail: int | None) -> list[dict]:
@@ -184,7 +271,17 @@ def select_slots(slots: list[dict], head: int | None, tail: int | None) -> list[
 
 
 def attention_bar(share: float, top: float, width: int = 20) -> str:
-    return "█" * max(0, round(width * share / top)) if top > 0 else ""
+    if not (math.isfinite(share) and math.isfinite(top) and top > 0):
+        return ""
+    return "█" * max(0, round(width * share / top))
+
+
+def cells(*values: str) -> list:
+    """Table cells shown as they are: rich would read `[...]` in a model name or a
+    token as markup."""
+    from rich.text import Text
+
+    return [Text(v) for v in values]
 
 
 def show_memory(snap: dict, console, *, head: int | None = None, tail: int | None = None, plain: bool = False) -> None:
@@ -194,9 +291,9 @@ def show_memory(snap: dict, console, *, head: int | None = None, tail: int | Non
 
     header = Table.grid(padding=(0, 2))
     header.add_column(style="bold" if not plain else "")
-    header.add_column()
-    for k, v in memory_header(snap):
-        header.add_row(k, v)
+    header.add_column(no_wrap=True)
+    for k, v in memory_header(snap, min(HEADER_WIDTH, max(24, console.width - len("tokens seen  ")))):
+        header.add_row(*cells(k, v))
     console.print(header)
 
     attention = snap.get("attention")
@@ -213,24 +310,25 @@ def show_memory(snap: dict, console, *, head: int | None = None, tail: int | Non
         table.add_column(f"attention ({where})", justify="left")
     slots = select_slots(snap["slots"], head, tail)
     for i, s in enumerate(slots):
-        lp = "" if s.get("logprob") is None else f"{s['logprob']:.2f}"
-        row = [str(s["slot"]), str(s["position"]), str(s["token"]), visible(s.get("text", "")), s["origin"] + (" (pinned)" if s.get("pinned") else ""), lp]
+        lp = "" if s.get("logprob") is None else figure(s["logprob"], 2)
+        row = [str(s["slot"]), str(s["position"]), str(s["token"]), visible(s.get("text", ""), TOKEN_WIDTH),
+               shown(s["origin"]) + (" (pinned)" if s.get("pinned") else ""), lp]  # fmt: skip
         if scored:
-            row.append("—" if s.get("score") is None else f"{s['score']:.4f}")
+            row.append("—" if s.get("score") is None else figure(s["score"], 4))
         if shares is not None:
             share = shares[s["slot"]]
             row.append(f"{share:6.1%} {attention_bar(share, top)}")
         style = "cyan" if s.get("pinned") and not plain else None
-        table.add_row(*row, style=style)
+        table.add_row(*cells(*row), style=style)
         if s.get("pinned") and i + 1 < len(slots) and not slots[i + 1].get("pinned"):
             table.add_section()  # the pinned region ends here
     console.print(table)
-    shown = len(slots)
-    if shown < snap["fill"]:
-        console.print(f"({shown} of {snap['fill']} slots shown)")
+    if len(slots) < snap["fill"]:
+        console.print(f"({len(slots)} of {snap['fill']} slots shown)")
 
 
 def show_sessions(rows: list[dict], console, *, plain: bool = False) -> None:
+    """The list on a terminal: a table, one session a row, long values cut."""
     from rich import box
     from rich.table import Table
 
@@ -242,22 +340,152 @@ def show_sessions(rows: list[dict], console, *, plain: bool = False) -> None:
         table.add_column(name)
     for r in rows:
         if "error" in r:
-            table.add_row(r["name"], f"unreadable: {r['error']}", "", "", "")
+            table.add_row(*cells(shown(r["name"]), "unreadable: " + shown(r["error"], None), "", "", ""))
         else:
-            table.add_row(r["name"], str(r["model"]), f"{r['fill']}/{r['capacity']}", str(r["seen"]), str(r["saved_at"]))
+            table.add_row(*cells(shown(r["name"]), shown(r["model"]), f"{r['fill']}/{r['capacity']}", shown(r["seen"]), shown(r["saved_at"])))
     console.print(table)
 
 
 def session_lines(rows: list[dict]) -> str:
     """The list for a pipe: one session per line, tab-separated, nothing cut:
-    name, model, fill/capacity, tokens seen, saved (or name, "unreadable", why)."""
+    name, model, fill/capacity, tokens seen, saved (or name, "unreadable", why).
+    Tabs, line breaks and other control characters in a value are escaped (`\\t`,
+    `\\n`), so that a line is a session and a tab separates fields; a value the
+    session lacks is an empty field."""
+
+    def field(value) -> str:
+        return shown(value, None, absent="")
+
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['name']}\tunreadable\t{r['error']}")
+            lines.append(f"{field(r['name'])}\tunreadable\t{field(r['error'])}")
         else:
-            lines.append(f"{r['name']}\t{r['model']}\t{r['fill']}/{r['capacity']}\t{r['seen']}\t{r['saved_at']}")
+            lines.append("\t".join([field(r["name"]), field(r["model"]), f"{r['fill']}/{r['capacity']}", field(r["seen"]), field(r["saved_at"])]))
     return "".join(line + "\n" for line in lines)
+
+
+# --- the diff of two memories --------------------------------------------------
+
+
+def diff_json(result: dict, name_a: str, name_b: str) -> dict:
+    """`wmgen.sessions.diff`'s result as a document: the two names as `a` and `b`,
+    then the result as it is (print it with `put_line`, which keeps it strict JSON)."""
+    return {"a": name_a, "b": name_b, **result}
+
+
+def diff_lines(result: dict, name_a: str, name_b: str, context: int = 3) -> list[str]:
+    """The diff as `diff -u` writes one, over token text instead of lines:
+
+        --- NAME_A<TAB>N tokens, P pinned
+        +++ NAME_B<TAB>M tokens, Q pinned
+        @@ -I,N +J,M @@
+         ·shared·tokens
+        -·only·in·a
+        +·only·in·b
+
+    A hunk's numbers are slots, counted from 0 as `inspect-memory` counts them: the
+    hunk covers slots I to I+N-1 of a and J to J+M-1 of b (with N or M 0, I or J is
+    the slot it stands before). Each hunk has up to `context` shared tokens on each
+    side; hunks closer than that merge. A line holds a run of consecutive tokens of
+    one kind (' ' shared, '-' only in a, '+' only in b), broken after a token that
+    holds a line break; token text is shown with `visible` (`·` a space, `↵` a line
+    break, other control characters escaped), and a token without text as `⟨id⟩`.
+    So the ' ' and '-' lines of a hunk, joined, are a's text over its slots, and
+    the ' ' and '+' lines b's. Two memories with the same tokens give the header
+    only."""
+    ops = result["ops"]
+    lines = [
+        f"--- {one_line(name_a)}\t{side_size(ops, 'a')}",
+        f"+++ {one_line(name_b)}\t{side_size(ops, 'b')}",
+    ]
+    for hunk in hunks(ops, context):
+        (a1, b1), (a2, b2) = hunk[0][1], hunk[-1][2]
+        lines.append(f"@@ -{a1},{a2 - a1} +{b1},{b2 - b1} @@")
+        for op, (i1, j1), (i2, j2) in hunk:
+            if op == "equal":
+                lines += token_lines(" ", op_side(ops, "a", i1, i2))
+            if op in ("delete", "replace"):
+                lines += token_lines("-", op_side(ops, "a", i1, i2))
+            if op in ("insert", "replace"):
+                lines += token_lines("+", op_side(ops, "b", j1, j2))
+    return lines
+
+
+def show_diff(result: dict, name_a: str, name_b: str, out, context: int = 3) -> None:
+    """`diff_lines` to a rich console (coloured where it has colour) or to a text
+    stream; long lines stay whole, never wrapped."""
+    lines = diff_lines(result, name_a, name_b, context)
+    if not hasattr(out, "print"):
+        put(out, "".join(line + "\n" for line in lines))
+        return
+    from rich.text import Text
+
+    styles = {"-": "red", "+": "green", "@": "cyan"}
+    for n, line in enumerate(lines):
+        style = "bold" if n < 2 else styles.get(line[:1])
+        out.print(Text(line, style=style or ""), soft_wrap=True)
+
+
+def side_size(ops: list[dict], side: str) -> str:
+    tokens = sum(len(o[side]["tokens"]) for o in ops)
+    pinned = sum(sum(o[side]["pinned"]) for o in ops)
+    return f"{tokens} tokens, {pinned} pinned"
+
+
+def hunks(ops: list[dict], context: int) -> list[list[tuple[str, tuple[int, int], tuple[int, int]]]]:
+    """The changes with `context` shared tokens around them, grouped as difflib's
+    `get_grouped_opcodes` groups lines: each hunk a list of (op, (a start, b start),
+    (a end, b end))."""
+    runs = [(o["op"], (o["a"]["start"], o["b"]["start"]), (o["a"]["end"], o["b"]["end"])) for o in ops]
+    if not any(op != "equal" for op, _, _ in runs):
+        return []
+    if runs[0][0] == "equal":  # only the last `context` of a shared head
+        _, (i1, j1), (i2, j2) = runs[0]
+        k = max(0, (i2 - i1) - context)
+        runs[0] = ("equal", (i1 + k, j1 + k), (i2, j2))
+    if runs[-1][0] == "equal":  # only the first `context` of a shared tail
+        _, (i1, j1), (i2, j2) = runs[-1]
+        k = min(i2 - i1, context)
+        runs[-1] = ("equal", (i1, j1), (i1 + k, j1 + k))
+    groups, group = [], []
+    for op, (i1, j1), (i2, j2) in runs:
+        if op == "equal" and i2 - i1 > 2 * context and group:  # a long shared run ends one hunk, starts the next
+            group.append((op, (i1, j1), (i1 + context, j1 + context)))
+            groups.append(group)
+            group = []
+            i1, j1 = i2 - context, j2 - context
+        group.append((op, (i1, j1), (i2, j2)))
+    if group and not (len(group) == 1 and group[0][0] == "equal"):
+        groups.append(group)
+    return [[run for run in g if run[1] != run[2]] for g in groups]
+
+
+def op_side(ops: list[dict], side: str, start: int, end: int) -> list[tuple[int, str | None]]:
+    """(token, text) of slots `start` to `end` of one memory, read from the ops."""
+    found = []
+    for o in ops:
+        s = o[side]
+        lo, hi = max(start, s["start"]), min(end, s["end"])
+        found += [(s["tokens"][k - s["start"]], s["text"][k - s["start"]]) for k in range(lo, hi)]
+    return found
+
+
+LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")  # where str.splitlines breaks
+
+
+def token_lines(prefix: str, tokens: list[tuple[int, str | None]]) -> list[str]:
+    """`prefix` lines of visible token text, a line broken after each token that
+    holds a line break."""
+    lines, line = [], []
+    for token, text in tokens:
+        line.append(f"⟨{token}⟩" if text is None else visible(text))
+        if text is not None and not LINE_BREAKS.isdisjoint(text):
+            lines.append(prefix + "".join(line))
+            line = []
+    if line:
+        lines.append(prefix + "".join(line))
+    return lines
 
 
 # --- perplexity ------------------------------------------------------------------
@@ -268,7 +496,7 @@ def score_table(results, about: dict) -> str:
     if len(results) == 1:
         r = results[0]
         return (
-            f"{about['file']}: {r.tokens} tokens scored · perplexity {r.perplexity:.3f} · "
+            f"{one_line(str(about['file']))}: {r.tokens} tokens scored · perplexity {r.perplexity:.3f} · "
             f"{r.bits_per_byte:.4f} bits/byte · nll {r.nll:.4f}\n"
             f"memory: capacity {r.capacity}, keep {r.keep}, evict {r.evict}, policy {policy_label(r)} · {r.evictions} evictions, "
             f"{r.recomputed} tokens recomputed ({r.recompute_share:.0%}) · {r.seconds:.1f} s, {r.tokens_per_s:.0f} tokens/s"

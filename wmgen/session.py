@@ -5,19 +5,16 @@ silently replaced: not when unreadable, not when made with another tokenizer."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import stat
 import tempfile
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 from wmgen import files
 from wmgen.errors import SessionError, UsageError
-
-SCHEMA_VERSION = 1
+from wmgen.snapshot import SCHEMA_VERSION, OtherVersion, Unusable, validate
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 # A full 1024-token session is about 0.2 MB. The limit leaves room for any window a
@@ -53,168 +50,6 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-# --- the schema -------------------------------------------------------------------------
-#
-# The layout `window.describe` makes, plus what `write` adds. A check returns what is
-# wrong with a value ("must be ..."), or None. Required keys are the ones every wmgen
-# writes and that continuing or showing a memory needs; optional ones may be absent
-# (sessions from before policies have no `policy`, `recent`, `score` or `queries`)
-# but are checked when present. Other keys are
-# let through unchecked (a later wmgen may add some); `counters` takes exactly its
-# four, since the memory is rebuilt from them as keyword arguments.
-
-Check = Callable[[object], "str | None"]
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def integer(low: int) -> Check:
-    return lambda v: None if _is_int(v) and v >= low else f"must be an integer >= {low}"
-
-
-def string(v) -> str | None:
-    return None if isinstance(v, str) else "must be a string"
-
-
-def mapping(v) -> str | None:
-    return None if isinstance(v, dict) else "must be an object"
-
-
-def mapping_or_null(v) -> str | None:
-    return None if v is None or isinstance(v, dict) else "must be an object or null"
-
-
-def array(v) -> str | None:
-    return None if isinstance(v, list) else "must be a list"
-
-
-def boolean(v) -> str | None:
-    return None if isinstance(v, bool) else "must be true or false"
-
-
-def logprob(v) -> str | None:
-    ok = v is None or (_is_number(v) and (math.isfinite(v) or v == -math.inf))
-    return None if ok else "must be a finite number, -Infinity or null"
-
-
-def score(v) -> str | None:
-    return None if v is None or (_is_number(v) and not math.isnan(v)) else "must be a number or null"
-
-
-ORIGINS = ("prompt", "generated", "continued")  # memory.PROMPT, GENERATED, CONTINUED
-
-
-def origin(v) -> str | None:
-    return None if isinstance(v, str) and v in ORIGINS else f"must be one of {', '.join(ORIGINS)}"
-
-
-#                  key: (required, check)
-FIELDS: dict[str, tuple[bool, Check]] = {
-    "name": (False, string),
-    "saved_at": (False, string),
-    "created_at": (False, string),
-    "capacity": (True, integer(2)),
-    "keep": (True, integer(0)),  # < capacity
-    "evict": (True, integer(1)),  # <= capacity - keep
-    "fill": (True, integer(0)),  # == len(slots) <= capacity
-    "kv_bytes": (True, integer(0)),
-    "kv_bytes_per_token": (True, integer(0)),
-    "counters": (True, mapping),  # exactly COUNTERS
-    "model": (True, string),
-    "tokenizer": (True, string),
-    "sampling": (False, mapping_or_null),  # null: the memory has not generated yet
-    "text": (False, string),
-    "policy": (False, string),  # a name this wmgen may not know is refused when used, not when read
-    "recent": (False, integer(0)),
-    "slots": (True, array),  # of SLOT_FIELDS
-}
-COUNTERS: dict[str, tuple[bool, Check]] = {k: (True, integer(0)) for k in ("evictions", "evicted", "recomputed", "seen")}
-SLOT_FIELDS: dict[str, tuple[bool, Check]] = {
-    "slot": (True, integer(0)),  # == its index in slots
-    "position": (True, integer(0)),  # < capacity
-    "token": (True, integer(0)),
-    "origin": (True, origin),
-    "logprob": (True, logprob),
-    "pinned": (True, boolean),
-    "text": (False, string),
-    "score": (False, score),  # null: no later token has attended to it yet
-    "queries": (False, integer(0)),
-}
-
-
-class Unusable(Exception):
-    """What is wrong with a session file, in words that name the field."""
-
-
-class OtherVersion(Exception):
-    """A session file of another schema version."""
-
-
-def validate(record) -> dict:
-    """`record` if it is a session of this schema; else Unusable (or OtherVersion)."""
-    if not isinstance(record, dict):
-        raise Unusable(f"it holds {_show(record)}, not a JSON object")
-    version = record.get("schema_version")
-    if "schema_version" not in record or not _is_int(version):
-        raise Unusable(_wrong("schema_version", version, "must be an integer", missing="schema_version" not in record))
-    if version != SCHEMA_VERSION:
-        raise OtherVersion(version)
-    _check_fields(record, FIELDS, "")
-    _check_fields(record["counters"], COUNTERS, "counters.", exact=True)
-    capacity, keep, evict, fill, slots = (record[k] for k in ("capacity", "keep", "evict", "fill", "slots"))
-    if keep >= capacity:
-        raise Unusable(f"'keep' is {_show(keep)}, must be below 'capacity' ({_show(capacity)})")
-    if evict > capacity - keep:
-        raise Unusable(f"'evict' is {_show(evict)}, must be at most 'capacity' - 'keep' = {_show(capacity - keep)}")
-    if fill != len(slots):
-        raise Unusable(f"'fill' is {_show(fill)}, but 'slots' holds {len(slots)}")
-    if fill > capacity:
-        raise Unusable(f"'fill' is {_show(fill)}, above 'capacity' ({_show(capacity)})")
-    for i, slot in enumerate(slots):
-        where = f"slots[{i}]"
-        if not isinstance(slot, dict):
-            raise Unusable(_wrong(where, slot, "must be an object"))
-        _check_fields(slot, SLOT_FIELDS, where + ".")
-        if slot["slot"] != i:
-            raise Unusable(f"'{where}.slot' is {_show(slot['slot'])}, must be {i} (its place in 'slots')")
-        if slot["position"] >= capacity:
-            raise Unusable(f"'{where}.position' is {_show(slot['position'])}, must be below 'capacity' ({_show(capacity)})")
-    return record
-
-
-def _check_fields(record: dict, fields: dict[str, tuple[bool, Check]], prefix: str, exact: bool = False) -> None:
-    for key, (required, check) in fields.items():
-        if key not in record:
-            if required:
-                raise Unusable(f"'{prefix}{key}' is missing")
-        elif problem := check(record[key]):
-            raise Unusable(_wrong(prefix + key, record[key], problem))
-    if exact and (unknown := sorted(set(record) - set(fields))):
-        raise Unusable(f"'{prefix.rstrip('.')}' has an unknown key {_show(unknown[0])}")
-
-
-def _wrong(field: str, value, problem: str, missing: bool = False) -> str:
-    return f"'{field}' is missing" if missing else f"'{field}' is {_show(value)}, {problem}"
-
-
-def _show(value) -> str:
-    """A value as a short line of JSON-like text."""
-    if isinstance(value, list):
-        return f"a list of {len(value)}"
-    if isinstance(value, dict):
-        return f"an object of {len(value)} keys"
-    if _is_int(value) and abs(value) >= 10**30:
-        return "a number of more than 30 digits"
-    text = json.dumps(value, ensure_ascii=True)  # ASCII: no line breaks of any kind
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 # --- files ------------------------------------------------------------------------------
 
 
@@ -235,6 +70,8 @@ def _load(path: Path) -> dict:
         raise Unusable(f"it is not valid JSON ({str(e).splitlines()[0] if str(e) else 'a bad value'})") from None
     except RecursionError:
         raise Unusable("it is not valid JSON (nested too deeply)") from None
+    if isinstance(record, dict) and "schema_version" not in record:
+        raise Unusable("'schema_version' is missing")
     return validate(record)
 
 
@@ -244,7 +81,7 @@ def _unusable(name: str, path: Path, e: Exception, replaced: bool = False) -> Se
     if isinstance(e, OtherVersion):
         return SessionError(
             f"session '{name}' ({path}) was written by another version of wmgen "
-            f"(schema {e.args[0]}, this one reads {SCHEMA_VERSION}){not_replaced}; "
+            f"(schema {e.args[0]}, this one reads up to {SCHEMA_VERSION}){not_replaced}; "
             f"upgrade wmgen or delete it with: wmgen sessions --delete {name}"
         )
     fix = "move or remove it yourself" if os.path.isdir(path) else f"delete it with: wmgen sessions --delete {name}"
@@ -287,7 +124,7 @@ def write(state: Path, name: str, snapshot: dict) -> Path:
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(record, f, ensure_ascii=False, indent=1)
+                    json.dump(record, f, ensure_ascii=False, indent=1, allow_nan=False)
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)

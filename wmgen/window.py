@@ -1,6 +1,7 @@
 """The rules of the window, as pure functions (no torch): the memory's shape, its
-defaults, and which tokens of a prompt a memory keeps. Views that need no model use
-these directly; `WorkingMemory` enforces them."""
+defaults, how many slots may be pinned, and which tokens of a prompt a memory keeps.
+Views that need no model use these directly; `WorkingMemory` enforces them. The
+layout of a memory as data is `wmgen.snapshot`'s."""
 
 from __future__ import annotations
 
@@ -60,6 +61,14 @@ def check_shape(capacity: int, keep: int, evict: int, limit: int) -> None:
         raise UsageError(f"evict {evict} must be between 1 and capacity - keep = {capacity - keep}", key="evict")
 
 
+def check_pins(pinned: int, capacity: int, evict: int) -> None:
+    """Pins must leave room to roll: a full memory must always find `evict`
+    unpinned slots to drop."""
+    if pinned > capacity - evict:
+        raise UsageError(f"{pinned} pinned slots leave less than evict {evict} of capacity {capacity} to roll; "
+                         f"at most {capacity - evict} can be pinned (unpin some, or lower evict)", key="pinned")  # fmt: skip
+
+
 def fit(slots: Sequence[Slot], capacity: int, policy: Policy) -> tuple[list[Slot], int]:
     """What of `slots` a memory of `capacity` keeps, read all at once, and how many
     were dropped: what `policy` drops to make them fit (the newest always stays)."""
@@ -74,39 +83,3 @@ def fit(slots: Sequence[Slot], capacity: int, policy: Policy) -> tuple[list[Slot
 def kv_bytes_per_token(n_layer: int, n_embd: int, bytes_per_value: int) -> int:
     """A key and a value per layer, each `n_embd` wide."""
     return 2 * n_layer * n_embd * bytes_per_value
-
-
-def describe(
-    slots: Sequence[Slot],
-    shape: Shape,
-    *,
-    counters: dict,
-    kv_bytes_per_token: int,
-    token_text=None,
-    **about,
-) -> dict:
-    """A memory as plain data (the layout of snapshots and session files): shape,
-    policy, counters, and one record per slot, with the token's text when
-    `token_text` is given, and its score under the attention policy (null until a
-    later token has attended to it; `queries` says how many have). `about` (model
-    id, tokenizer fingerprint, sampling settings) is included as given."""
-    scored = shape.policy == "attention"
-    records = [
-        {"slot": i, "position": i, "token": s.token, "origin": s.origin, "logprob": s.logprob, "pinned": i < shape.keep}
-        | ({"text": token_text(s.token)} if token_text else {})
-        | ({"score": s.score if s.queries else None, "queries": s.queries} if scored else {})
-        for i, s in enumerate(slots)
-    ]
-    return {
-        "capacity": shape.capacity,
-        "keep": shape.keep,
-        "evict": shape.evict,
-        "policy": shape.policy,
-        **({"recent": shape.recent} if scored else {}),
-        "fill": len(records),
-        "kv_bytes": kv_bytes_per_token * len(records),
-        "kv_bytes_per_token": kv_bytes_per_token,
-        "counters": dict(counters),
-        **about,
-        "slots": records,
-    }
