@@ -362,7 +362,7 @@ def attention(chat: Chat, rest: str):
     view = flags(words(rest), ("tail", "head", "layer"), "/attention [--tail N | --head N] [--layer L]")
     layer = view.pop("layer", None)
     snap = chat.memory.snapshot() | {"name": chat.session}
-    snap["attention"] = {"layer": layer, "shares": chat.lm.attention(snap, layer)}
+    snap["attention"] = {"layer": layer, "shares": chat.lm.attention(snap, layer, source="this memory")}
     show_memory(snap, chat.console, **view, plain=chat.plain)
 
 
@@ -435,14 +435,10 @@ def insert(chat: Chat, rest: str):
     index, typed = int(m.group(1)), m.group(2)
     if len(typed) >= 2 and typed[0] == typed[-1] and typed[0] in "\"'":
         typed = typed[1:-1]
-    memory = chat.memory
-    if index > memory.fill:
-        raise UsageError(f"/insert {index}: insert before a slot 0-{memory.fill - 1}, or at {memory.fill} (the end)")
-    ids = chat.lm.encode(unescape(typed))
-    if not ids:
-        raise UsageError("/insert: the text is empty")
-    edit(chat, f"/insert {index}", lambda: memory.insert(index, ids) or len(ids))
-    chat.notice(f"inserted {len(ids)} token{'s' * (len(ids) != 1)} before slot {index}; fill {memory.fill}/{memory.capacity}; {pending(chat)}")
+    memory, ids = chat.memory, chat.lm.encode(unescape(typed))
+    evicted = edit(chat, f"/insert {index}", lambda: memory.insert(index, ids))
+    room = f"; {evicted} evicted for room, by policy {memory.shape.policy}" if evicted else ""
+    chat.notice(f"inserted {len(ids)} token{'s' * (len(ids) != 1)} before slot {index}{room}; fill {memory.fill}/{memory.capacity}; {pending(chat)}")
 
 
 def undo(chat: Chat, rest: str):
@@ -540,15 +536,9 @@ def set_option(chat: Chat, rest: str):
 
 
 def set_policy(chat: Chat, policy: str) -> None:
-    """The memory again under another policy: its slots (scores and pins too) in a
-    memory of the same shape, recomputed at the next turn."""
     memory = chat.memory
-    if policy != memory.shape.policy:
-        step = chat.mark(f"/set policy {policy}")
-        chat.memory = chat.lm.restore(memory.snapshot(), policy=policy, source="this memory")
-        chat.remember(step)
-    shape = chat.memory.shape
-    chat.notice(f"policy {policy_words({'policy': policy, 'recent': shape.recent})}, from the next eviction on; {pending(chat)}")
+    edit(chat, f"/set policy {policy}", lambda: memory.set_policy(policy) or 0)
+    chat.notice(f"policy {policy_words({'policy': policy, 'recent': memory.shape.recent})}, from the next eviction on; scores are kept")
 
 
 def stats(chat: Chat, rest: str):
