@@ -3,7 +3,7 @@
 The alignment is checked against what it promises: the ops rebuild b from a, they
 tile both memories, the shared count is the longest common subsequence (computed
 here by the textbook dynamic programme), and an edit shows as exactly that edit.
-Snapshots are built by hand or through `window.describe`, with the real GPT-2
+Snapshots are built by hand or through `snapshot.describe`, with the real GPT-2
 tokenizer where the text matters.
 """
 
@@ -24,7 +24,7 @@ fresh_tokens = st.lists(st.integers(min_value=100, max_value=10**6), unique=True
 
 
 def snapshot(ids, texts=None, pinned=()) -> dict:
-    """A snapshot as `window.describe` lays one out, by hand."""
+    """A snapshot as `snapshot.describe` lays one out, by hand."""
     texts = texts if texts is not None else [f"<{t}>" for t in ids]
     return {"slots": [{"slot": i, "position": i, "token": t, "origin": "prompt", "logprob": None, "pinned": i in pinned, "text": x}
                       for i, (t, x) in enumerate(zip(ids, texts))]}  # fmt: skip
@@ -169,7 +169,7 @@ def test_two_full_memories_of_unrelated_tokens_compare_quickly():
     assert time.perf_counter() - t0 < 5, "a full diff should take milliseconds, not a dynamic programme in Python"
 
 
-# --- through window.describe, with a real tokenizer ---------------------------------------
+# --- through snapshot.describe, with a real tokenizer ---------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,8 @@ def gpt2():
 
 def described(tokenizer, token_ids: list[int], keep: int = 0) -> dict:
     from wmgen.policies import Slot
-    from wmgen.window import Shape, describe
+    from wmgen.snapshot import describe
+    from wmgen.window import Shape
 
     slots = [Slot(t, "prompt") for t in token_ids]
     shape = Shape(capacity=max(2, len(slots) + 1), keep=keep, evict=1)

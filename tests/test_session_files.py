@@ -138,7 +138,7 @@ def valid_slot(i: int, key: str, v) -> bool:
         "pinned": lambda: type(v) is bool,
         "new": lambda: type(v) is bool,
         "text": lambda: isinstance(v, str),
-        "score": lambda: v is None or (number(v) and 0 <= v <= 1 + 1e-6),  # a mean share of attention
+        "score": lambda: v is None or v == math.inf or (number(v) and 0 <= v <= 1 + 1e-6),  # a mean share of attention
         "queries": lambda: count(v),
     }[key]()
 

@@ -23,6 +23,7 @@ except ImportError:  # older typer uses click itself
 
 from wmgen import options
 from wmgen.cli_chat import chat
+from wmgen.cli_memory import memory_app
 from wmgen.errors import UsageError, WmgenError
 
 EXIT_CODES = """Exit status: 0 success (also when a reader closes the pipe), 1 runtime failure, 2 usage error, 130 interrupted by Ctrl-C (SIGINT), 143 terminated (SIGTERM)."""
@@ -692,6 +693,9 @@ def inspect_memory(
 
         console, plain = console_for(no_color)
         show_memory(snap, console, head=head, tail=tail, plain=plain)
+
+
+app.add_typer(memory_app)  # wmgen memory forget|pin|unpin|insert|fork|undo|diff, in wmgen.cli_memory
 
 
 @app.command("sessions")

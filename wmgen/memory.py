@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import Tensor
 
-from wmgen import policies
+from wmgen import edits, policies
 from wmgen.errors import UsageError
 from wmgen.gpt2 import GPT2, KVStore
 from wmgen.policies import Slot
@@ -253,82 +253,42 @@ class WorkingMemory:
         pinned slot only with `pinned=True`. Returns how many went. The slots after
         them are recomputed at their new positions by the next pass."""
         with self.claimed():
-            start, stop = self._span(start, stop)
-            held = [i for i in range(start, stop) if self.slots[i].pinned]
-            if held and not pinned:
-                raise UsageError(f"slots {start}..{stop - 1} hold {len(held)} pinned slot(s) (the first is {held[0]}); "
-                                 "unpin them first, or forget pinned slots explicitly", key="pinned")  # fmt: skip
-            self._drop(list(range(start, stop)))
+            self.slots = edits.forget(self.slots, start, stop, pinned=pinned)
+            self.stale = min(self.stale, start)
             return stop - start
 
     def pin(self, start: int, stop: int) -> int:
         """Pin slots `start..stop-1`: no policy drops them. Returns how many were not
         pinned before. Refused when the pins would leave fewer than `evict` slots to
         roll. Nothing is recomputed."""
-        return self._set_pins(start, stop, True)
+        with self.claimed():
+            return edits.set_pins(self.slots, start, stop, True, capacity=self.capacity, evict=self.evict)
 
     def unpin(self, start: int, stop: int) -> int:
         """Unpin slots `start..stop-1`; returns how many were pinned."""
-        return self._set_pins(start, stop, False)
-
-    def _set_pins(self, start: int, stop: int, value: bool) -> int:
         with self.claimed():
-            start, stop = self._span(start, stop)
-            changed = [s for s in self.slots[start:stop] if s.pinned != value]
-            if value:
-                check_pins(len(self.pinned) + len(changed), self.capacity, self.evict)
-            for s in changed:
-                s.pinned = value
-            return len(changed)
+            return edits.set_pins(self.slots, start, stop, False, capacity=self.capacity, evict=self.evict)
 
     def insert(self, index: int, ids: Sequence[int], *, origin: str = INSERTED) -> int:
         """Read `ids` into memory before slot `index` (0..fill; fill appends), as
         unpinned slots of `origin`. A full memory first evicts what its policy
         picks to make room. Returns how many slots were evicted for it."""
-        ids = list(ids)
         with self.claimed():
-            if not ids:
-                raise UsageError("nothing to insert: the text has no tokens")
-            if not _is_index(index) or not 0 <= index <= self.fill:
-                raise UsageError(f"insert before slot {index!r}: the memory has slots 0..{self.fill - 1}, "
-                                 f"so give 0..{self.fill} ({self.fill} appends)", key="index")  # fmt: skip
-            need = self.fill + len(ids) - self.capacity
-            evicted = 0
-            if need > 0:
-                drop = self.policy.drop(self.slots, need)
-                if len(drop) < need:
-                    raise UsageError(f"{len(ids)} tokens do not fit beside the {len(self.pinned)} pinned slots of capacity "
-                                     f"{self.capacity}; insert at most {self.capacity - len(self.pinned)}, or unpin some")  # fmt: skip
-                index -= sum(1 for i in drop if i < index)
-                self._drop(drop)
+            new = [Slot(t, origin, new=True) for t in ids]
+            slots, drop = edits.insert(self.slots, index, new, capacity=self.capacity, policy=self.policy)
+            first = next(i for i, s in enumerate(slots) if s is new[0])
+            self.slots, self.stale = slots, min(self.stale, first, *drop)
+            self.counters.seen += len(new)
+            if drop:
                 self.last_evicted = tuple(drop)
                 self.counters.evictions += 1
                 self.counters.evicted += len(drop)
-                evicted = len(drop)
-            self._add(ids, origin, [None] * len(ids), at=index)
-            return evicted
+            return len(drop)
 
     def find(self, text: str) -> list[tuple[int, int]]:
         """Where `text` occurs in memory: `(start, stop)` spans of the slots that
         hold each occurrence (as `range` counts), in order, not overlapping."""
-        if not isinstance(text, str) or not text:
-            raise UsageError("give some text to find", key="text")
-        pieces = [self.tokenizer.token_bytes(t) for t in self.tokens]
-        ends = []
-        total = 0
-        for p in pieces:
-            total += len(p)
-            ends.append(total)
-        whole, needle = b"".join(pieces), text.encode("utf-8", "surrogateescape")
-        spans, at = [], whole.find(needle)
-        import bisect
-
-        while at >= 0:
-            first = bisect.bisect_right(ends, at)
-            last = bisect.bisect_left(ends, at + len(needle))
-            spans.append((first, last + 1))
-            at = whole.find(needle, ends[last])
-        return spans
+        return edits.find([self.tokenizer.token_bytes(t) for t in self.tokens], text)
 
     def checkpoint(self) -> Checkpoint:
         """The memory as it is now, to `rollback` to (undo)."""
@@ -365,16 +325,6 @@ class WorkingMemory:
         """Forget by another policy from now on (scores are kept for the slots)."""
         with self.claimed():
             self._reshape(shape(self.capacity, self.keep, self.evict, self.model.config.n_positions, policy=policy, recent=recent))
-
-    def _span(self, start, stop) -> tuple[int, int]:
-        if not (_is_index(start) and _is_index(stop)):
-            raise UsageError(f"a span is two slot numbers, not {start!r} and {stop!r}", key="span")
-        if not self.slots:
-            raise UsageError("the memory is empty: there are no slots to edit", key="span")
-        if not 0 <= start < stop <= self.fill:
-            why = "is empty" if start == stop else "is reversed" if start > stop else "is out of range"
-            raise UsageError(f"span {start}..{stop - 1} {why}: the memory has slots 0..{self.fill - 1}", key="span")
-        return start, stop
 
     def _no_room(self, need: int) -> str:
         return (f"{len(self.pinned)} pinned slots leave no room for {need} more in capacity {self.capacity}; "
@@ -476,10 +426,6 @@ class WorkingMemory:
             slot.attention += shares[j]
             slot.queries += later
             later += j in fresh
-
-
-def _is_index(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class MemoryBatch:

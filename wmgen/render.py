@@ -232,7 +232,7 @@ def memory_header(snap: dict, width: int = HEADER_WIDTH) -> list[tuple[str, str]
     """(key, value) rows; every value is one line of at most `width` characters,
     whatever the snapshot holds."""
     c = snap.get("counters", {})
-    pinned = min(snap["keep"], snap["fill"])
+    pinned = sum(1 for s in snap["slots"] if s.get("pinned"))
     rows = [
         ("session", snap.get("name", "(preview)")),
         ("model", shown(snap.get("model"), None, absent="?")),

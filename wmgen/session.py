@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from wmgen import files
+from wmgen.diff import diff  # noqa: F401  (public as wmgen.sessions.diff)
 from wmgen.errors import SessionError, UsageError
 from wmgen.snapshot import SCHEMA_VERSION, OtherVersion, Unusable, validate
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -101,11 +102,11 @@ def read(state: Path, name: str) -> dict:
         raise _unusable(name, path, e) from None
 
 
-def write(state: Path, name: str, snapshot: dict) -> Path:
+def write(state: Path, name: str, snapshot: dict, *, undoable: bool = False) -> Path:
     """Write `snapshot` as session `name`: to a temporary file in the same folder,
     flushed to disk, then renamed over the old one, under a file lock. Refuses to
     replace a file that is not a readable session, or one made with another tokenizer
-    (see `free_name`)."""
+    (see `free_name`). With `undoable`, the version replaced is kept for `undo`."""
     from filelock import FileLock, Timeout
 
     path = path_of(state, name)
@@ -121,6 +122,8 @@ def write(state: Path, name: str, snapshot: dict) -> Path:
         with FileLock(str(path) + ".lock", timeout=30):
             previous = _existing(path, name, record["tokenizer"])
             record["created_at"] = previous.get("created_at") or record["saved_at"]
+            if undoable and previous:
+                _replace_with(undo_path(path), path.read_bytes())
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -137,6 +140,59 @@ def write(state: Path, name: str, snapshot: dict) -> Path:
     except OSError as e:
         raise SessionError(f"cannot save session '{name}' in {path.parent}: {e.strerror}; the previous version is untouched") from None
     return path
+
+
+def undo_path(path: Path) -> Path:
+    """Where the version an edit replaced is kept (hidden; never listed as a session)."""
+    return path.with_name(f".{path.stem}.undo")
+
+
+def _replace_with(path: Path, data: bytes) -> None:
+    """`path` holding `data`, atomically: a temporary file renamed into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def undo(state: Path, name: str) -> None:
+    """Put back the version of session `name` that its last edit replaced; the
+    edited version is kept in its place, so a second undo redoes. Touches no other
+    session."""
+    from filelock import FileLock
+
+    path = path_of(state, name)
+    read(state, name)  # the session itself must be there and readable
+    with FileLock(str(path) + ".lock", timeout=30):
+        kept = undo_path(path)
+        try:
+            before = files.read_regular(kept, MAX_BYTES)
+            validate(json.loads(before))
+        except FileNotFoundError:
+            raise SessionError(f"session '{name}' has no edit to undo (wmgen memory keeps the version each edit replaced)") from None
+        except (files.FileProblem, ValueError, RecursionError, Unusable, OtherVersion) as e:
+            raise SessionError(f"the version of session '{name}' to undo to cannot be used ({e}); nothing was changed") from None
+        now_bytes = path.read_bytes()
+        _replace_with(path, before)
+        _replace_with(kept, now_bytes)
+
+
+def fork(state: Path, name: str, new: str) -> Path:
+    """Session `name` copied as `new`, which must not exist yet; `name` is untouched."""
+    from filelock import FileLock
+
+    record = read(state, name)
+    target = path_of(state, new)
+    with FileLock(str(target) + ".lock", timeout=30):
+        if os.path.lexists(target):
+            raise SessionError(f"session '{new}' exists already; fork to another name, or delete it with: wmgen sessions --delete {new}")
+    return write(state, new, {k: v for k, v in record.items() if k != "created_at"})
 
 
 def _existing(path: Path, name: str, tokenizer: str) -> dict:
@@ -228,7 +284,8 @@ def delete(state: Path, name: str) -> Path:
         raise SessionError(f"cannot delete session '{name}' ({path}): {e.strerror}") from None
     try:
         Path(str(path) + ".lock").unlink(missing_ok=True)
-    except OSError:  # a lock file is only ever a convenience
+        undo_path(path).unlink(missing_ok=True)
+    except OSError:  # a lock file, or an undo, is only ever a convenience
         pass
     return path
 

@@ -191,8 +191,10 @@ def logprob(v) -> str | None:
 
 
 def score(v) -> str | None:
-    # a mean of attention shares: in [0, 1] (with room for float rounding)
-    return None if v is None or (_is_number(v) and 0 <= v <= 1 + 1e-6) else "must be a number in [0, 1] or null"
+    # a mean of attention shares: in [0, 1] (with room for float rounding); Infinity,
+    # which earlier versions could write for a slot no query had reached, reads as null
+    ok = v is None or v == math.inf or (_is_number(v) and 0 <= v <= 1 + 1e-6)
+    return None if ok else "must be a number in [0, 1] or null"
 
 
 def origin(v) -> str | None:
@@ -269,6 +271,8 @@ def validate(record) -> Snapshot:
         _check_fields(slot, SLOT_FIELDS, where + ".")
         if slot["slot"] != i:
             raise Unusable(f"'{where}.slot' is {show(slot['slot'])}, must be {i} (its place in 'slots')")
+        if slot.get("score") == math.inf:
+            slot["score"] = None
         if slot["position"] >= capacity:
             raise Unusable(f"'{where}.position' is {show(slot['position'])}, must be below 'capacity' ({show(capacity)})")
     pinned = sum(1 for s in slots if s["pinned"])
