@@ -21,14 +21,12 @@ try:  # typer >= 0.29 raises its own copy of click's exceptions
 except ImportError:  # older typer uses click itself
     from click import exceptions as click_errors
 
+from wmgen import options
+from wmgen.cli_chat import chat
 from wmgen.cli_memory import memory_app
 from wmgen.errors import UsageError, WmgenError
 
 EXIT_CODES = """Exit status: 0 success (also when a reader closes the pipe), 1 runtime failure, 2 usage error, 130 interrupted by Ctrl-C (SIGINT), 143 terminated (SIGTERM)."""
-POLICY_HELP = ("What a full memory forgets: oldest (default), boundary (the oldest, cut at the end of a sentence or line) "
-               "or attention (the least attended, keeping --recent tokens).")
-RECENT_HELP = "With --policy attention: the most recent tokens, always kept. (default: half of capacity - keep)"
-DTYPE_HELP = "auto, float32, bfloat16, float16, or int8 (opt-in, CPU: int8 weights, 2-2.7x faster, approximate; see README)."
 # The most text wmgen reads from a file or stdin: far more than any model's window
 # (a long book is ~1 MiB); past it the input is refused rather than read until
 # memory runs out (-f /dev/zero).
@@ -302,39 +300,39 @@ def open_model(settings, quiet: bool = False, color: bool = True):
 @app.command()
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt. Use - (or nothing) to read stdin; piped stdin and an argument are joined by a newline.", show_default=False)] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("-n", "--max-new-tokens", help="Tokens to generate at most. (default: 100)", show_default=False)] = None,
-    temperature: Annotated[Optional[float], typer.Option("-t", "--temperature", help="Softmax temperature; 0 is greedy. (default: 1.0)", show_default=False)] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k most likely tokens; 0 is off.", show_default=False)] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Sample from the smallest set of tokens with this much probability, in (0, 1]; 1 is off.", show_default=False)] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="Penalise tokens already in memory (> 1 discourages repeats); 1 is off.", show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling: same seed and settings, same text.", show_default=False)] = None,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text appears (not printed). Repeatable.", show_default=False)] = None,
-    ignore_eos: Annotated[Optional[bool], typer.Option("--ignore-eos", help="Keep going past <|endoftext|>.", show_default=False)] = None,
-    capacity: Annotated[Optional[int], typer.Option("--capacity", help="Working memory size in tokens. (default: the model's limit, 1024 for gpt2)", show_default=False)] = None,
-    keep: Annotated[Optional[str], typer.Option("--keep", help="Pinned tokens at the head of memory, a count or 'prompt'. (default: 0)", show_default=False)] = None,
-    evict: Annotated[Optional[int], typer.Option("--evict", help="Tokens dropped per eviction; 1 is the exact sliding window. (default: a quarter of capacity - keep)", show_default=False)] = None,
-    policy: Annotated[Optional[str], typer.Option("--policy", help=POLICY_HELP, show_default=False)] = None,
-    recent: Annotated[Optional[int], typer.Option("--recent", help=RECENT_HELP, show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local folder of a GPT-2 checkpoint. (default: gpt2)", show_default=False)] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps.", show_default=False)] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help=DTYPE_HELP, show_default=False)] = None,
-    config: Annotated[Optional[str], typer.Option("--config", help="A preset name (default, precise, creative, balanced, longform) or a .toml file.", show_default=False)] = None,
+    max_new_tokens: options.MaxNewTokens = None,
+    temperature: options.Temperature = None,
+    top_k: options.TopK = None,
+    top_p: options.TopP = None,
+    repetition_penalty: options.RepetitionPenalty = None,
+    seed: options.Seed = None,
+    stop: options.Stop = None,
+    ignore_eos: options.IgnoreEos = None,
+    capacity: options.Capacity = None,
+    keep: options.Keep = None,
+    evict: options.Evict = None,
+    policy: options.Policy = None,
+    recent: options.Recent = None,
+    model: options.Model = None,
+    device: options.Device = None,
+    dtype: options.Dtype = None,
+    config: options.Config = None,
     file: Annotated[Optional[str], typer.Option("-f", "--file", help="Read the prompt from this file (- for stdin).", show_default=False)] = None,
     no_stdin: Annotated[bool, typer.Option("--no-stdin", help="Do not read stdin, even when it is piped (for loops that read their own input).")] = False,
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Begin with <|endoftext|>, so an empty prompt is allowed.")] = False,
     echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the continuation.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings and memory counters on stderr at the end.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="With --stats, also the kernels chosen for this machine; and tracebacks of unexpected errors.")] = False,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No notices on stderr.")] = False,
+    quiet: options.Quiet = False,
     session: Annotated[Optional[str], typer.Option("--session", "-s", help="Save the final memory as this session (default: 'last').", show_default=False)] = None,
-    continue_: Annotated[bool, typer.Option("-c", "--continue", help="Continue from the saved memory of the session, and save back to it.")] = False,
-    no_save: Annotated[bool, typer.Option("--no-save", help="Do not save the final memory.")] = False,
+    continue_: options.Continue = False,
+    no_save: options.NoSave = False,
     format_: Annotated[str, typer.Option("--format", help="text, jsonl (one event per line, as it happens) or json (one object at the end).")] = "text",
     each_line: Annotated[bool, typer.Option("--each-line", help="One prompt per input line (stdin or -f FILE), run as a batch; results in input order.")] = False,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Draw N continuations of the prompt, as one batch.", min=1)] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows run together at most (--each-line, --num-samples).", min=1)] = 8,
     separator: Annotated[str, typer.Option("--separator", help="With --format text and several results: the line printed after each.")] = "---",
-    no_color: Annotated[bool, typer.Option("--no-color", help="No colour on stderr (also NO_COLOR).")] = False,
+    no_color: options.NoColor = False,
 ) -> None:
     """Stream a continuation of the prompt to stdout.
 
@@ -388,6 +386,7 @@ def generate(
 
 
 FORMATS = ("text", "jsonl", "json")
+app.command()(chat)  # wmgen chat: its options and state in wmgen.cli_chat, its loop in wmgen.chat
 
 
 @dataclass(frozen=True)
@@ -798,15 +797,15 @@ def perplexity(
     capacity: Annotated[Optional[int], typer.Option("--capacity", help="Working memory size in tokens. (default: the model's limit)", show_default=False)] = None,
     keep: Annotated[Optional[int], typer.Option("--keep", help="Pinned tokens at the head of memory. (default: 0)", show_default=False)] = None,
     evict: Annotated[Optional[int], typer.Option("--evict", help="Tokens dropped per eviction; 1 is the exact sliding window.", show_default=False)] = None,
-    policy: Annotated[Optional[str], typer.Option("--policy", help=POLICY_HELP, show_default=False)] = None,
-    recent: Annotated[Optional[int], typer.Option("--recent", help=RECENT_HELP, show_default=False)] = None,
+    policy: options.Policy = None,
+    recent: options.Recent = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Score only the first N tokens of the text.", min=2, show_default=False)] = None,
     sweep: Annotated[Optional[list[str]], typer.Option("--sweep", help="Score a grid of memory shapes: --sweep capacity=128,256 evict=1,64 [keep=0,4] [policy=oldest,attention] [recent=...].", show_default=False)] = None,
     plot: Annotated[Optional[str], typer.Option("--plot", help="With --sweep: write a PNG of perplexity against speed.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local folder of a GPT-2 checkpoint. (default: gpt2)", show_default=False)] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps.", show_default=False)] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help=DTYPE_HELP, show_default=False)] = None,
+    model: options.Model = None,
+    device: options.Device = None,
+    dtype: options.Dtype = None,
     config: Annotated[Optional[str], typer.Option("--config", help="A preset name or .toml file.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No notices or progress on stderr.")] = False,
 ) -> None:
