@@ -56,7 +56,10 @@ class ModelInfo:
 def find_model(name: str, *, download: bool = True) -> Path:
     """The local folder holding checkpoint `name`: the folder itself, or the hub's
     cache (fetching on first use unless offline)."""
-    path = Path(name).expanduser()
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError:  # ~someone who does not exist
+        raise ModelError(f"no model folder at {name}: there is no such user's home folder") from None
     try:
         mode = path.stat().st_mode
     except (FileNotFoundError, NotADirectoryError):

@@ -30,6 +30,8 @@ MAX_ALTERNATIVES = 100
 
 
 def check_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise UsageError(f"session name: expected a str, not {type(name).__name__}")
     if not _allowed(name):
         raise UsageError(
             f"session name {name!r} is not allowed; use letters, digits, '.', '_' and '-' (no slashes, no '..', at most 64)"
@@ -42,7 +44,9 @@ def _allowed(name: str) -> bool:
 
 
 def folder(state: Path) -> Path:
-    return state / "sessions"
+    from wmgen.settings import folder_path
+
+    return folder_path(state, "state") / "sessions"
 
 
 def path_of(state: Path, name: str) -> Path:
@@ -400,9 +404,9 @@ def delete(state: Path, name: str) -> Path:
 
 
 def _state(home: str | Path | None) -> Path:
-    from wmgen.settings import state_dir
+    from wmgen.settings import folder_path, state_dir
 
-    return Path(home).expanduser() if home is not None else state_dir(os.environ)
+    return folder_path(home, "home") if home is not None else state_dir(os.environ)
 
 
 def save(memory, name: str = "last", *, home: str | Path | None = None, fallback: bool = False) -> str:
@@ -411,7 +415,10 @@ def save(memory, name: str = "last", *, home: str | Path | None = None, fallback
     holding a session this memory must not replace (made with another tokenizer,
     or unreadable) raises `SessionError`, or with `fallback` takes the next free
     name (`name-2`, ...). Returns the name used."""
-    state = _state(home)
+    from wmgen.settings import flag, instance
+
+    instance(memory, "wmgen.memory", "WorkingMemory", "memory")
+    state, fallback = _state(home), flag(fallback, "fallback")
     check_name(name)
     snapshot = memory.snapshot()
     used = free_name(state, name, snapshot.get("tokenizer")) if fallback else name
@@ -425,6 +432,9 @@ def load(name: str, model, *, capacity: int | None = None, keep: int | None = No
     continue as `wmgen generate -c` does. It keeps the session's shape and policy
     unless `capacity`, `keep`, `evict` (tokens), `policy` or `recent` is given; see
     `Model.restore`."""
+    from wmgen.settings import instance
+
+    instance(model, "wmgen.api", "Model", "model")
     snapshot = read(_state(home), check_name(name))
     return model.restore(snapshot, capacity=capacity, keep=keep, evict=evict, policy=policy, recent=recent,
                          source=f"session '{name}'")  # fmt: skip
