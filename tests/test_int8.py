@@ -130,10 +130,10 @@ def test_int8_weights_take_a_quarter_of_the_bytes_in_the_blocks(loaded, int8_mod
 def test_int8_keys_and_values_are_bfloat16_where_the_cpu_has_it_and_stay_within_the_int8_bounds(
     tiny_dir, loaded, monkeypatch, native_bfloat16
 ):
-    from wmgen import gpt2
+    from wmgen import model as loader
     from wmgen.model import load_model, load_tokenizer
 
-    monkeypatch.setattr(gpt2, "KV_BFLOAT16", native_bfloat16)
+    monkeypatch.setattr(loader, "KV_BFLOAT16", native_bfloat16)
     model, tokenizer, _ = loaded
     int8_model = load_model(load_tokenizer(str(tiny_dir))[0], device="cpu", dtype="int8")
     store = int8_model.new_store(8)

@@ -9,6 +9,7 @@ and nothing deeper; it prints nothing and knows nothing of argv or exit codes.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import threading
@@ -20,7 +21,20 @@ from typing import TYPE_CHECKING
 
 from wmgen.errors import UsageError
 from wmgen.events import Event, Finished, Generation, Started, Token
-from wmgen.settings import Settings, blame, coerce, load_settings
+from wmgen.settings import (
+    Settings,
+    argument,
+    blame,
+    callback,
+    flag,
+    instance,
+    items,
+    load_settings,
+    prompt_or_ids,
+    token_ids,
+    utf8_text,
+    whole,
+)
 
 if TYPE_CHECKING:
     from wmgen.memory import WorkingMemory
@@ -30,6 +44,7 @@ if TYPE_CHECKING:
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
 RUN_KEYS = ("max_new_tokens", "stop", "ignore_eos")
 SHAPE_KEYS = ("capacity", "keep", "evict", "policy", "recent")
+EMPTY_PROMPT = "the prompt is empty; give some text, or from_scratch=True to start from <|endoftext|>"
 
 
 def load(model: str | None = None, *, device: str | None = None, dtype: str | None = None, config: str | None = None,
@@ -57,6 +72,11 @@ def load(model: str | None = None, *, device: str | None = None, dtype: str | No
     unknown = sorted(set(values) - set(SAMPLING_KEYS + RUN_KEYS + SHAPE_KEYS + ("model", "device", "dtype")))
     if unknown:
         raise TypeError(f"load() got unexpected keyword arguments: {', '.join(unknown)}")
+    for key, value in values.items():
+        argument(key, value)  # the types a call takes; load_settings checks the values again, as flags
+    values["model"] = os.fspath(model) if isinstance(model, os.PathLike) else model
+    config = None if config is None else utf8_text(os.fspath(config) if isinstance(config, os.PathLike) else config, "config")
+    kernels = None if kernels is None else utf8_text(kernels, "kernels")
     from wmgen.kernels import parse
 
     forced = parse(kernels, "kernels") if kernels else ()
@@ -125,10 +145,11 @@ class Model:
 
     def encode(self, text: str, *, from_scratch: bool = False) -> list[int]:
         """Token ids of `text`; `from_scratch` puts `<|endoftext|>` first (a new document)."""
-        return ([self.tokenizer.eos_id] if from_scratch else []) + self.tokenizer.encode(text)
+        return self._ids(utf8_text(text, "text"), from_scratch, "text")
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids)
+        """The text of token ids."""
+        return self.tokenizer.decode(token_ids(ids, self.info.vocab_size, "ids"))
 
     # --- working memory -----------------------------------------------------------
 
@@ -136,12 +157,9 @@ class Model:
               policy: str | None = None, recent: int | None = None, prompt_tokens: int = 0) -> Shape:  # fmt: skip
         """A memory's `Shape` (`capacity`, `keep`, `evict`, `policy`, `recent`): the
         values given, else the settings', with the defaults filled in and checked
-        against the model (no weights read)."""
-        from wmgen.window import shape
-
-        given, (capacity, keep, evict, policy, recent) = self._shape_values(capacity, keep, evict, policy, recent)
-        with self._blame(given):
-            return shape(capacity, keep, evict, self.n_positions, prompt_tokens, policy, recent)
+        against the model (no weights read); `keep="prompt"` pins `prompt_tokens`."""
+        given, values = self._shape_values(capacity, keep, evict, policy, recent)
+        return self._fresh_shape(given, values, whole(prompt_tokens, "prompt_tokens"))
 
     def memory(self, capacity: int | None = None, keep: int | str | None = None, evict: int | None = None, *,
                policy: str | None = None, recent: int | None = None) -> WorkingMemory:  # fmt: skip
@@ -151,12 +169,7 @@ class Model:
         quarter of capacity - keep), chosen by `policy` (oldest, boundary or
         attention; `recent`: the attention policy's untouchable recent tokens,
         default half of capacity - keep). Its keys and values are allocated now, once."""
-        from wmgen.memory import WorkingMemory
-
-        given, values = self._shape_values(capacity, keep, evict, policy, recent)
-        with self._blame(given):
-            self.shape(*values[:3], policy=values[3], recent=values[4])  # checked before the weights are read
-            return WorkingMemory(self.network, *values[:3], policy=values[3], recent=values[4], tokenizer=self.tokenizer, model_id=self.name)
+        return self._new_memory(*self._shape_values(capacity, keep, evict, policy, recent))
 
     def restore(self, snapshot: dict, *, capacity: int | None = None, keep: int | None = None, evict: int | None = None,
                 policy: str | None = None, recent: int | None = None, source: str = "the snapshot") -> WorkingMemory:  # fmt: skip
@@ -168,7 +181,8 @@ class Model:
         fit are dropped as the policy drops a prompt's."""
         from wmgen.memory import WorkingMemory
 
-        self.check_snapshot(snapshot, source)
+        snapshot = self._snapshot(snapshot, utf8_text(source, "source"))
+        capacity, keep, evict, policy, recent = (argument(k, v) for k, v in zip(SHAPE_KEYS, (capacity, keep, evict, policy, recent)))
         if keep == "prompt":
             raise UsageError("keep 'prompt' pins a new memory's first tokens; a continued memory keeps a count (give a number)", key="keep")
         from wmgen.window import shape
@@ -195,13 +209,30 @@ class Model:
         memory.sampling = snapshot.get("sampling")
         return memory
 
-    def check_snapshot(self, snapshot: dict, source: str = "the snapshot") -> None:
-        """That this model can use a (validated) snapshot: its tokenizer, its token
-        ids, its shape; else `SessionError` ("cannot be used")."""
+    def _snapshot(self, snapshot, source: str) -> dict:
+        """`snapshot` if this model can use it: a memory's snapshot (as
+        `WorkingMemory.snapshot` and `sessions.read` give it) that holds to the session
+        schema, made with this tokenizer, its tokens in the vocabulary."""
+        from wmgen import session
         from wmgen.errors import SessionError
         from wmgen.snapshot import shape_of
         from wmgen.window import shape
 
+        if not isinstance(snapshot, dict):
+            raise UsageError(f"snapshot: expected a memory's snapshot (a dict), not {type(snapshot).__name__}")
+        try:  # what a session file could hold: plain JSON data
+            snapshot = json.loads(json.dumps(snapshot))
+        except (TypeError, ValueError, RecursionError) as e:
+            raise SessionError(f"{source} cannot be used: it is not plain data ({str(e)[:80]})") from None
+        record = {"schema_version": session.SCHEMA_VERSION} | snapshot
+        for key in ("model", "tokenizer"):  # None: a memory made without a Model (WorkingMemory itself)
+            record[key] = "" if record.get(key) is None else record[key]
+        try:
+            session.validate(record)
+        except session.OtherVersion as e:
+            raise SessionError(f"{source} is of schema version {e.args[0]}; this wmgen reads {session.SCHEMA_VERSION}") from None
+        except session.Unusable as e:
+            raise SessionError(f"{source} cannot be used: {e}") from None
         self.check_tokenizer(snapshot, source)
         beyond = next((s for s in snapshot["slots"] if not 0 <= s["token"] < self.info.vocab_size), None)
         if beyond is not None:
@@ -212,6 +243,7 @@ class Model:
             shape(s.capacity, s.keep, s.evict, self.n_positions, policy=s.policy, recent=s.recent)
         except UsageError as e:
             raise SessionError(f"{source} cannot be used with {self.info.name}: {e}") from None
+        return snapshot
 
     def check_tokenizer(self, snapshot: dict, source: str = "the snapshot") -> None:
         """A memory made with another tokenizer means other tokens: refuse it."""
@@ -239,16 +271,17 @@ class Model:
         from wmgen.memory import CONTINUED, PROMPT
 
         run_settings, shape = self._run(options)
+        should_stop = callback(should_stop, "should_stop")
         ids = self._ids(prompt, from_scratch)
+        if memory is not None:
+            self._own(memory)
         if not ids and (memory is None or not memory.tokens):
-            raise UsageError("the prompt is empty; give some text, or from_scratch=True to start from <|endoftext|>")
+            raise UsageError(EMPTY_PROMPT)
         if memory is None:
             given, values = self._shape_values(*shape)
-            with self._blame(given):
-                self._shape_for(values, len(ids))  # checked before the weights are read
-                memory = self.memory(*values[:3], policy=values[3], recent=values[4])
+            self._fresh_shape(given, values, len(ids))  # checked before the weights are read
+            memory = self._new_memory(given, values)
         else:
-            self._own(memory)
             if any(v is not None for v in shape):
                 raise UsageError("capacity, keep, evict, policy and recent shape a new memory; this one has its own (make another with Model.memory)")
         origin = CONTINUED if memory.tokens else PROMPT
@@ -287,22 +320,26 @@ class Model:
         ends. Every row has its own memory, shaped for its own prompt, and its own
         sampler: `seed` (one for all rows, or one per row; drawn at random when
         None) makes each row give exactly what it gives alone with that seed.
-        Same options as `events`."""
+        Same options as `events`; every argument is checked when called, before the
+        first result is asked for."""
+        batch_size = whole(batch_size, "batch_size", low=1, key="batch_size")
+        run_settings, shape = self._run(options)
+        should_stop = callback(should_stop, "should_stop")
+        prompts = items(prompts, "prompts", "a list of prompts (each text or token ids)")
+        ids = [self._ids(p, from_scratch, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        for i, row in enumerate(ids):
+            if not row:
+                raise UsageError(f"prompts[{i}] is empty; give some text, or from_scratch=True to start from <|endoftext|>")
+        given, values = self._shape_values(*shape)
+        shapes = [self._fresh_shape(given, values, len(row)) for row in ids]  # every row checked before any work
+        seeds = self._seeds(seed, len(ids), run_settings.sampling.seed)
+        texts = [p if isinstance(p, str) else self.decode(p) for p in prompts]
+        return self._batches(ids, texts, shapes, values, seeds, run_settings, batch_size, should_stop)
+
+    def _batches(self, ids, texts, shapes, values, seeds, run_settings, batch_size, should_stop) -> Iterator[Generation]:
         from wmgen.generation import collect, generate_batch
         from wmgen.memory import MemoryBatch
 
-        if batch_size < 1:
-            raise UsageError(f"batch_size {batch_size} must be at least 1", key="batch_size")
-        run_settings, shape = self._run(options)
-        ids = [self._ids(p, from_scratch) for p in prompts]
-        for row in ids:
-            if not row:
-                raise UsageError("a prompt is empty; give some text, or from_scratch=True to start from <|endoftext|>")
-        given, values = self._shape_values(*shape)
-        with self._blame(given):
-            shapes = [self._shape_for(values, len(row)) for row in ids]  # every row checked before any work
-        seeds = self._seeds(seed, len(ids), run_settings.sampling.seed)
-        texts = [p if isinstance(p, str) else self.decode(p) for p in prompts]
         for start in range(0, len(ids), batch_size):
             chunk = range(start, min(start + batch_size, len(ids)))
             batch = MemoryBatch(self.network, len(chunk), shapes[start].capacity, [values[1]] * len(chunk), values[2],
@@ -331,33 +368,37 @@ class Model:
         perplexity` prints them. `progress(n)` is called as tokens are scored."""
         from wmgen.perplexity import score
 
-        ids = self._ids(text, False)
+        ids = self._ids(text, False, "text")
         if max_tokens is not None:
-            ids = ids[:max_tokens]
+            ids = ids[: whole(max_tokens, "max_tokens")]
+        progress = callback(progress, "progress")
         if len(ids) < 2:
             raise UsageError(f"the text has {len(ids)} token(s); scoring needs at least 2")
         given, values = self._shape_values(capacity, keep, evict, policy, recent)
         if values[1] == "prompt":
             with self._blame(given):
                 raise UsageError("keep 'prompt' has no meaning for perplexity; give a count", key="keep")
-        memory = self.memory(*values[:3], policy=values[3], recent=values[4])
-        return score(memory, ids, self.tokenizer.token_bytes, progress=progress)
+        return score(self._new_memory(given, values), ids, self.tokenizer.token_bytes, progress=progress)
 
-    def preview(self, text: str, *, capacity: int | None = None, keep: int | str | None = None, evict: int | None = None,
-                policy: str | None = None, recent: int | None = None) -> dict:  # fmt: skip
-        """How `text` would fill a new memory, as a snapshot (tokenizer only, no
-        weights read), with `prompt_tokens` and `unread` (tokens that would not fit)."""
+    def preview(self, text: str | Sequence[int], *, from_scratch: bool = False, capacity: int | None = None,
+                keep: int | str | None = None, evict: int | None = None, policy: str | None = None,
+                recent: int | None = None) -> dict:  # fmt: skip
+        """How `text` (or token ids) would fill a new memory, as a snapshot
+        (tokenizer only, no weights read), with `prompt_tokens` and `unread` (tokens
+        that would not fit). It takes the shape `generate` would take, and refuses
+        what `generate` would refuse, in the same words."""
         from wmgen import policies
+        from wmgen.model import VALUE_BYTES, kv_dtype
         from wmgen.snapshot import describe
         from wmgen.window import fit, kv_bytes_per_token
 
-        ids = self.encode(text)
+        ids = self._ids(text, from_scratch, "text")
         if not ids:
-            raise UsageError("the prompt is empty; give some text to preview")
-        s = self.shape(capacity, keep, evict, policy=policy, recent=recent, prompt_tokens=min(len(ids), self.n_positions - 1))
+            raise UsageError(EMPTY_PROMPT)
+        s = self._fresh_shape(*self._shape_values(capacity, keep, evict, policy, recent), len(ids))
         policy_ = policies.make(s.policy, evict=s.evict, recent=s.recent, token_bytes=self.tokenizer.token_bytes)
         kept, unread = fit([policies.Slot(t, "prompt", pinned=i < s.keep) for i, t in enumerate(ids)], s.capacity, policy_)
-        value_bytes = 2 if self.settings.model.dtype in ("bfloat16", "float16") else 4
+        value_bytes = VALUE_BYTES[kv_dtype(self.settings.model.dtype, self.settings.model.device)]
         snap = describe(
             kept, s, counters={"evictions": 0, "evicted": 0, "recomputed": 0, "seen": len(kept)},
             kv_bytes_per_token=kv_bytes_per_token(self.info.n_layer, self.info.n_embd, value_bytes),
@@ -372,7 +413,8 @@ class Model:
         layers unless `layer` is given. The shares sum to 1."""
         from wmgen.memory import WorkingMemory
 
-        self.check_snapshot(snapshot, source)
+        snapshot = self._snapshot(snapshot, utf8_text(source, "source"))
+        layer = None if layer is None else whole(layer, "layer", low=None, high=None, key="layer")
         fill = len(snapshot["slots"])
         if not fill:
             raise UsageError("the memory is empty: nothing to attend to")
@@ -388,15 +430,14 @@ class Model:
 
     # --- helpers -----------------------------------------------------------------------
 
-    def _ids(self, prompt: str | Sequence[int], from_scratch: bool) -> list[int]:
-        if isinstance(prompt, str):
-            return self.encode(prompt, from_scratch=from_scratch)
-        ids = [int(t) for t in prompt]
-        if any(not 0 <= t < self.info.vocab_size for t in ids):
-            raise UsageError(f"token ids must be in 0..{self.info.vocab_size - 1}")
-        return ([self.tokenizer.eos_id] if from_scratch else []) + ids
+    def _ids(self, prompt: str | Sequence[int], from_scratch: bool, where: str = "prompt") -> list[int]:
+        """A prompt's token ids (checked: text or ids, see `settings.prompt_or_ids`)."""
+        prompt = prompt_or_ids(prompt, self.info.vocab_size, where)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        return ([self.tokenizer.eos_id] if flag(from_scratch, "from_scratch") else []) + ids
 
     def _own(self, memory: WorkingMemory) -> None:
+        instance(memory, "wmgen.memory", "WorkingMemory", "memory")
         if memory.model is not self.network:
             raise UsageError("this memory belongs to another model; make one with this model's memory()")
         if memory.tokenizer is None:
@@ -408,22 +449,38 @@ class Model:
         unknown = sorted(set(options) - set(SAMPLING_KEYS + RUN_KEYS + SHAPE_KEYS))
         if unknown:
             raise TypeError(f"unexpected keyword arguments: {', '.join(unknown)}")
-        sampling = {k: coerce(k, v, k) for k, v in options.items() if k in SAMPLING_KEYS and v is not None}
-        run = {k: coerce(k, v, k) for k, v in options.items() if k in RUN_KEYS and v is not None}
+        sampling = {k: argument(k, v) for k, v in options.items() if k in SAMPLING_KEYS and v is not None}
+        run = {k: argument(k, v) for k, v in options.items() if k in RUN_KEYS and v is not None}
         s = self.settings
         settings = replace(s, sampling=replace(s.sampling, **sampling), run=replace(s.run, **run))
-        shape = tuple(None if options.get(k) is None else coerce(k, options[k], k) for k in SHAPE_KEYS)
+        shape = tuple(argument(k, options.get(k)) for k in SHAPE_KEYS)
         return settings, shape
 
     def _shape_values(self, capacity, keep, evict, policy=None, recent=None) -> tuple[set[str], tuple]:
-        """Which shape values the caller gave, and the values with the settings' filling in."""
-        given = dict(zip(SHAPE_KEYS, (capacity, keep, evict, policy, recent)))
+        """Which shape values the caller gave (checked), and the values with the
+        settings' filling in (for None, or "auto")."""
+        given = {k: argument(k, v) for k, v in zip(SHAPE_KEYS, (capacity, keep, evict, policy, recent))}
         m = asdict(self.settings.memory)
         return {k for k, v in given.items() if v is not None}, tuple(m[k] if v is None else v for k, v in given.items())
 
-    def _shape_for(self, values: tuple, prompt_tokens: int) -> Shape:
+    def _fresh_shape(self, given: set[str], values: tuple, prompt_tokens: int) -> Shape:
+        """The shape a new memory takes for a prompt of `prompt_tokens` tokens, checked:
+        the one decision `events`, `generate_each`, `shape` and `preview` make, so a
+        preview refuses what a run refuses, in the same words."""
+        from wmgen.window import shape
+
         capacity, keep, evict, policy, recent = values
-        return self.shape(capacity, keep, evict, policy=policy, recent=recent, prompt_tokens=prompt_tokens)
+        with self._blame(given):
+            return shape(capacity, keep, evict, self.n_positions, prompt_tokens, policy, recent)
+
+    def _new_memory(self, given: set[str], values: tuple) -> WorkingMemory:
+        """A new, empty memory of this shape (`keep="prompt"` settles at its first read)."""
+        from wmgen.memory import WorkingMemory
+
+        self._fresh_shape(given, values, 0)  # checked before the weights are read
+        capacity, keep, evict, policy, recent = values
+        with self._blame(given):
+            return WorkingMemory(self.network, capacity, keep, evict, policy=policy, recent=recent, tokenizer=self.tokenizer, model_id=self.name)
 
     @contextmanager
     def _blame(self, given: set[str]):
@@ -438,11 +495,14 @@ class Model:
 
     @staticmethod
     def _seeds(seed, rows: int, default: int | None) -> list[int]:
-        if seed is None:
-            seed = default if default is not None else secrets.randbits(62)
-        if isinstance(seed, int):
-            return [coerce("seed", seed, "seed")] * rows
-        seeds = [coerce("seed", s, "seed") for s in seed]
+        """One seed per row: `seed` for all (an int; None: the settings', else drawn;
+        "random": drawn), or one each (a list of ints)."""
+        if seed is None or isinstance(seed, str) or hasattr(type(seed), "__index__"):
+            one = default if seed is None else argument("seed", seed)
+            return [secrets.randbits(62) if one is None else one] * rows
+        seeds = [argument("seed", s) for s in items(seed, "seed", "a seed (an int), or one per prompt (a list of ints)")]
+        if None in seeds:
+            raise UsageError("seed: one seed per prompt means an int for each", key="seed")
         if len(seeds) != rows:
             raise UsageError(f"{len(seeds)} seeds for {rows} prompts; give one seed, or one per prompt", key="seed")
         return seeds

@@ -280,9 +280,6 @@ class Block:
     mlp_proj: Linear | Int8Linear
 
 
-KV_BFLOAT16 = bool({"avx512_bf16", "amx_bf16"} & kernels.cpu_flags())  # the CPU multiplies bfloat16 natively
-
-
 class KVStore:
     """Keys and values for `slots` positions of every layer, written in place.
 
@@ -340,11 +337,13 @@ class GPT2:
     """The GPT-2 network as functions over its weight tensors."""
 
     def __init__(self, config: GPT2Config, weights: dict[str, Tensor], *, int8: bool = False,
-                 forced_kernels: tuple[str, ...] = (), kernel_cache: Path | None = None):  # fmt: skip
+                 kv_dtype: torch.dtype | None = None, forced_kernels: tuple[str, ...] = (),
+                 kernel_cache: Path | None = None):  # fmt: skip
         """Takes the tensors out of `weights` as it goes (so that repacked ones can be
         freed at once). With `int8`, every projection and the output head are
         quantized to int8 (`Int8Linear`); layer norms and position embeddings stay
-        float32, and keys and values are stored as `kv_dtype` says.
+        float32. Keys and values are stored in `kv_dtype` (None: the activations'
+        dtype); the loader decides it (`wmgen.model.kv_dtype`).
 
         Each shape of weight gets the kernel that runs it fastest here (see
         `wmgen.kernels`), read from `kernel_cache` or measured now and kept there
@@ -352,6 +351,7 @@ class GPT2:
         or int8) is used instead where given."""
         self.config = config
         self.int8 = int8
+        self._kv_dtype = kv_dtype
         for name in list(weights):
             weights[name.removeprefix("transformer.")] = weights.pop(name)
         w = weights
@@ -445,11 +445,9 @@ class GPT2:
 
     @property
     def kv_dtype(self) -> torch.dtype:
-        """The dtype keys and values are stored in: the activations', except in int8
-        mode on a CPU with native bfloat16 arithmetic, where bfloat16 halves what
-        attention reads at a long context (on gpt2 at 900 tokens, a step 18% shorter;
-        int8 is approximate already, and its fidelity to float32 did not move)."""
-        return torch.bfloat16 if self.int8 and KV_BFLOAT16 else self.dtype
+        """The dtype keys and values are stored in, as the loader decided it
+        (`wmgen.model.kv_dtype`, which a preview asks too); else the activations'."""
+        return self._kv_dtype or self.dtype
 
     @property
     def dtype(self) -> torch.dtype:

@@ -14,12 +14,13 @@ import os
 import re
 import stat
 import struct
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from wmgen.errors import ModelError, UsageError
-from wmgen import files
+from wmgen import files, kernels
 from wmgen.files import one_line
 from wmgen.tokens import Tokenizer, read_text
 
@@ -55,7 +56,10 @@ class ModelInfo:
 def find_model(name: str, *, download: bool = True) -> Path:
     """The local folder holding checkpoint `name`: the folder itself, or the hub's
     cache (fetching on first use unless offline)."""
-    path = Path(name).expanduser()
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError:  # ~someone who does not exist
+        raise ModelError(f"no model folder at {name}: there is no such user's home folder") from None
     try:
         mode = path.stat().st_mode
     except (FileNotFoundError, NotADirectoryError):
@@ -223,6 +227,38 @@ def resolve_dtype(dtype: str, device: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+KV_BFLOAT16 = bool({"avx512_bf16", "amx_bf16"} & kernels.cpu_flags())  # the CPU multiplies bfloat16 natively
+VALUE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes of one stored key or value element
+
+
+def kv_dtype(dtype: str, device: str) -> str:
+    """The dtype keys and values are stored in (its name: float32, bfloat16 or
+    float16) by a model loaded with the settings' `dtype` (auto, float32, bfloat16,
+    float16, int8) on `device` (auto, cpu, cuda, mps): its activations', except in
+    int8 mode on a CPU with native bfloat16 arithmetic, where bfloat16 halves what
+    attention reads at a long context (on gpt2 at 900 tokens, a step 18% shorter;
+    int8 is approximate already, and its fidelity to float32 did not move).
+
+    Reads no weights, and imports no torch unless only torch can tell (dtype auto
+    where a CUDA device may be present), so a preview says what a run will hold."""
+    if dtype == "int8":  # int8 runs on the CPU only
+        return "bfloat16" if KV_BFLOAT16 else "float32"
+    if dtype != "auto":
+        return dtype
+    if device in ("cpu", "mps") or device == "auto" and not _may_have_cuda():
+        return "float32"  # auto is float32 everywhere but on CUDA
+    return str(resolve_dtype("auto", resolve_device(device))).removeprefix("torch.")
+
+
+def _may_have_cuda() -> bool:
+    """False where no CUDA (or ROCm) device can be present: macOS, and Linux without a GPU driver's device files."""
+    if sys.platform == "darwin":
+        return False
+    if sys.platform.startswith("linux"):
+        return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg"))
+    return True
+
+
 def check_int8(device: str) -> None:
     from wmgen.gpt2 import int8_available
 
@@ -236,6 +272,8 @@ def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto", fo
                kernel_cache: Path | None = None):  # fmt: skip
     """The network (`GPT2`) of the checkpoint `info` describes, on `device` in `dtype`;
     `forced_kernels` and `kernel_cache` as `GPT2` takes them."""
+    import torch
+
     from wmgen.gpt2 import GPT2, GPT2Config
 
     device = "cpu" if dtype == "int8" and device == "auto" else resolve_device(device)
@@ -264,7 +302,8 @@ def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto", fo
         check = lambda tensors: check_weights(info, weights_path, tensors)  # noqa: E731
         weights = read_safetensors(weights_path, dtype=torch_dtype, device=device, check=check)
         try:
-            return GPT2(config, weights, int8=dtype == "int8", forced_kernels=forced_kernels, kernel_cache=kernel_cache)
+            return GPT2(config, weights, int8=dtype == "int8", kv_dtype=getattr(torch, kv_dtype(dtype, device)),
+                        forced_kernels=forced_kernels, kernel_cache=kernel_cache)  # fmt: skip
         except KeyError as e:
             raise ModelError(f"{weights_path} lacks the GPT-2 weight {e}") from None
 

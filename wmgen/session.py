@@ -30,6 +30,8 @@ MAX_ALTERNATIVES = 100
 
 
 def check_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise UsageError(f"session name: expected a str, not {type(name).__name__}")
     if not _allowed(name):
         raise UsageError(
             f"session name {name!r} is not allowed; use letters, digits, '.', '_' and '-' (no slashes, no '..', at most 64)"
@@ -42,7 +44,9 @@ def _allowed(name: str) -> bool:
 
 
 def folder(state: Path) -> Path:
-    return state / "sessions"
+    from wmgen.settings import folder_path
+
+    return folder_path(state, "state") / "sessions"
 
 
 def path_of(state: Path, name: str) -> Path:
@@ -355,9 +359,9 @@ def delete(state: Path, name: str) -> Path:
 
 
 def _state(home: str | Path | None) -> Path:
-    from wmgen.settings import state_dir
+    from wmgen.settings import folder_path, state_dir
 
-    return Path(home).expanduser() if home is not None else state_dir(os.environ)
+    return folder_path(home, "home") if home is not None else state_dir(os.environ)
 
 
 def save(memory, name: str = "last", *, home: str | Path | None = None, fallback: bool = False) -> str:
@@ -367,7 +371,10 @@ def save(memory, name: str = "last", *, home: str | Path | None = None, fallback
     or unreadable, or saved by another wmgen after this memory was loaded from it
     or saved to it) raises `SessionError`, or with `fallback` takes the next free
     name (`name-2`, ...). Returns the name used."""
-    return store(memory, name, home=home, fallback=fallback)[0]
+    from wmgen.settings import flag, instance
+
+    instance(memory, "wmgen.memory", "WorkingMemory", "memory")
+    return store(memory, name, home=home, fallback=flag(fallback, "fallback"))[0]
 
 
 def store(memory, name: str = "last", *, home: str | Path | None = None, fallback: bool = False) -> tuple[str, str | None]:
@@ -399,6 +406,9 @@ def load(name: str, model, *, capacity: int | None = None, keep: int | None = No
     continue as `wmgen generate -c` does. It keeps the session's shape and policy
     unless `capacity`, `keep`, `evict` (tokens), `policy` or `recent` is given; see
     `Model.restore`."""
+    from wmgen.settings import instance
+
+    instance(model, "wmgen.api", "Model", "model")
     state = _state(home)
     snapshot = read(state, check_name(name))
     mark = fingerprint(snapshot)

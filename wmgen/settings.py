@@ -14,6 +14,9 @@ from __future__ import annotations
 import codecs
 import difflib
 import math
+import operator
+import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -317,7 +320,10 @@ def unknown_env_warning(name: str) -> str:
 
 
 def _short(value) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than 4300 digits (or one inside a list)
+        return "a number of more than 4300 digits" if isinstance(value, int) else f"a {type(value).__name__} too large to show"
     return text if len(text) <= 60 else text[:45] + "..." + text[-10:]
 
 
@@ -469,6 +475,140 @@ def coerce(key: str, value, where: str):
     if key == "ignore_eos":
         return _bool(value, where)
     raise KeyError(key)
+
+
+# --- a library call's arguments ------------------------------------------------
+# A library caller gives Python values, not text: a count is an int (not a bool, a
+# float or the string "8"), a text is a str UTF-8 can encode (bytes are not text), a
+# folder a str or a path. Each concept is checked here, once, and an error names the
+# argument as the caller wrote it (`key` is set where the argument is a setting).
+
+NUMBER_KEYS = ("temperature", "top_p", "repetition_penalty")
+COUNT_KEYS = ("capacity", "keep", "evict", "recent", "top_k", "seed", "max_new_tokens")
+WORDS = {"capacity": ("auto",), "evict": ("auto",), "recent": ("auto",), "keep": ("prompt",), "seed": ("random",)}
+
+
+def argument(key: str, value):
+    """A library call's value for setting `key`, of the setting's own type (counts
+    are ints, `temperature`, `top_p` and `repetition_penalty` ints or floats, `stop`
+    a str or a list of them, `ignore_eos` a bool, names strs; the words `coerce`
+    knows are kept: keep "prompt", seed "random", capacity, evict and recent "auto"),
+    then checked as `coerce` checks it. None is returned as None (not given)."""
+    if value is None:
+        return None
+    if key == "model" and isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str) and value in WORDS.get(key, ()):
+        pass
+    elif key in COUNT_KEYS:
+        if (n := _index(value)) is None:  # the range is coerce's to say
+            raise UsageError(f"{key}: expected a whole number (an int), got {_short(value)}", key=key)
+        value = n
+    elif key in NUMBER_KEYS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise UsageError(f"{key}: expected a number (an int or a float), got {_short(value)}", key=key)
+    elif key == "stop" and not isinstance(value, (str, list, tuple)):
+        raise UsageError(f"{key}: expected a string or a list of strings, got {_short(value)}", key=key)
+    elif key == "ignore_eos":
+        value = flag(value, key)
+    try:
+        return coerce(key, value, key)
+    except UsageError as e:
+        raise UsageError(str(e), key=key) from None
+
+
+def whole(value, where: str, *, low: int | None = 0, high: int | None = LARGEST_COUNT, key: str | None = None) -> int:
+    """An int argument in `low..high` (None: unbounded): not a bool, a float or a
+    string (a numpy or torch integer is taken as the int it is)."""
+    n = _index(value)
+    if n is None:
+        raise UsageError(f"{where}: expected a whole number (an int), got {_short(value)}", key=key)
+    if low is not None and n < low or high is not None and n > high:
+        bound = "2**63 - 1" if high == LARGEST_COUNT else str(high)
+        raise UsageError(f"{where}: {_short(n)} is outside {low}..{bound}", key=key)
+    return n
+
+
+def _index(value) -> int | None:
+    """The int `value` is (an int, or a numpy or torch integer); None for anything
+    else, a bool included."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        return None
+    try:
+        return operator.index(value)
+    except (TypeError, ValueError):  # a tensor that is not a single integer
+        return None
+
+
+def flag(value, where: str) -> bool:
+    """A bool argument: True or False, not a count or a word."""
+    if not isinstance(value, bool):
+        raise UsageError(f"{where}: expected True or False, got {_short(value)}")
+    return value
+
+
+def utf8_text(value, where: str) -> str:
+    """A text argument: a str that UTF-8 can encode (bytes are decoded by the caller)."""
+    if not isinstance(value, str):
+        hint = "; decode bytes first" if isinstance(value, (bytes, bytearray)) else ""
+        raise UsageError(f"{where}: expected text (a str), got {_short(value)}{hint}")
+    return check_utf8(value, where)
+
+
+def items(value, where: str, what: str) -> list:
+    """A list argument (a list, tuple, range, array or iterator; not a str, bytes, a
+    dict or a set) as a list; `what` says what was expected."""
+    if isinstance(value, (str, bytes, bytearray, memoryview, Mapping, set, frozenset)) or not hasattr(value, "__iter__"):
+        raise UsageError(f"{where}: expected {what}, got {_short(value)}")
+    return list(value)
+
+
+def token_ids(value, vocab_size: int, where: str, what: str = "token ids (a list of ints)") -> list[int]:
+    """Token ids: ints (not bools) in the vocabulary, `0..vocab_size - 1`."""
+    ids = items(value, where, what)
+    for i, token in enumerate(ids):
+        if (n := _index(token)) is None or not 0 <= n < vocab_size:
+            raise UsageError(f"{where}: token ids are whole numbers in 0..{vocab_size - 1}; item {i} is {_short(token)}")
+        ids[i] = n
+    return ids
+
+
+def prompt_or_ids(value, vocab_size: int, where: str = "prompt") -> str | list[int]:
+    """A prompt: text (see `utf8_text`) or token ids (see `token_ids`)."""
+    if isinstance(value, str):
+        return utf8_text(value, where)
+    return token_ids(value, vocab_size, where, "text (a str) or token ids (a list of ints)")
+
+
+def callback(value, where: str):
+    """None, or something to call."""
+    if value is not None and not callable(value):
+        raise UsageError(f"{where}: expected a function (or None), got {_short(value)}")
+    return value
+
+
+def folder_path(value, where: str) -> Path:
+    """A folder argument: a str or a path the system can name (bytes it could not
+    decode are kept as Python keeps them; a lone surrogate or a NUL is refused), with
+    `~` expanded."""
+    name = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(name, str):
+        raise UsageError(f"{where}: expected a folder (a str or a path), got {_short(value)}")
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        check_utf8(name, where)  # says where the bad character is
+    if "\0" in name:
+        raise UsageError(f"{where}: a folder name cannot hold a NUL character")
+    return _expanded(Path(name))
+
+
+def instance(value, module: str, name: str, where: str):
+    """`value` if it is a `module.name` (a `wmgen.memory.WorkingMemory`, say), found
+    without importing the module: none exists before it is imported."""
+    kind = getattr(sys.modules.get(module), name, None)
+    if kind is None or not isinstance(value, kind):
+        raise UsageError(f"{where}: expected a wmgen.{name}, got {_short(value)}")
+    return value
 
 
 def load_settings(*, flags: Mapping[str, object], env: Mapping[str, str], config: str | None = None,
