@@ -84,7 +84,7 @@ class Bench:
         return self.lm8.network
 
     def wmgen(self, prompt: list[int], n: int, *, evict: int | None = None, lm=None, capacity: int = 1024,
-              policy: str = "oldest", sampling: dict = GREEDY) -> list[float]:  # fmt: skip
+              policy: str = "oldest", sampling: dict = GREEDY) -> list[float]:
         """Generate `n` tokens after `prompt` (greedily unless `sampling` says how,
         capacity 1024), through the library as the command line does: the time of
         each token since the start, prompt reading included. (One more token is
@@ -290,7 +290,7 @@ def bench_int8(b: Bench, windows: int = 2, width: int = 512) -> list[tuple]:
     rows += fidelity_rows(f"pydoc-small, {len(ids)} held-out tokens", small.network, small8.network, ids, width)
     exact, quant = (lm.perplexity(text, max_tokens=20_000).perplexity for lm in (small, small8))
     rows.append(("pydoc-small perplexity, first 20,000 held-out tokens (capacity 512, evict 128): int8 vs float32",
-                 f"{quant:.3f} vs {exact:.3f}", "", f"{quant / exact - 1:+.2%}"))  # fmt: skip
+                 f"{quant:.3f} vs {exact:.3f}", "", f"{quant / exact - 1:+.2%}"))
     return rows
 
 

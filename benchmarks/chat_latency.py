@@ -46,7 +46,7 @@ def saved_memory(folder: Path, home: Path, tokens: int, source: Path) -> Path:
     prompt = home / "prompt.txt"
     prompt.write_text(text, encoding="utf-8")
     subprocess.run([*WMGEN, "generate", "-m", str(folder), "-f", str(prompt), "-n", "1", "-t", "0", "-q", "-s", "base"],
-                   check=True, stdout=subprocess.DEVNULL, env=environment(home))  # fmt: skip
+                   check=True, stdout=subprocess.DEVNULL, env=environment(home))
     return home / "sessions" / "base.json"
 
 

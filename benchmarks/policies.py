@@ -38,9 +38,9 @@ def main() -> None:
         sys.exit(f"needs {args.model} and {args.text} (../shared beside the project)")
 
     import torch
+    from bench import machine
 
     import wmgen
-    from bench import machine
 
     torch.manual_seed(0)
     lm = wmgen.load(str(args.model), device="cpu", dtype="float32")
@@ -54,7 +54,7 @@ def main() -> None:
                 print(f"[{time.perf_counter() - t0:5.0f} s] {policy} capacity {capacity} keep {keep}: {s.perplexity:.2f}", file=sys.stderr)
 
     print(f"machine: {machine()}; model {args.model.name}, first {len(ids)} tokens of {args.text.name}; "
-          f"evict a quarter of capacity - keep, recent half of it")  # fmt: skip
+          f"evict a quarter of capacity - keep, recent half of it")
     for keep in KEEPS:
         print(f"\nkeep {keep}: perplexity (tokens/s)\n")
         print("| policy | " + " | ".join(f"capacity {c}" for c in CAPACITIES) + " |")

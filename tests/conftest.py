@@ -114,7 +114,7 @@ def build_checkpoint(folder: Path, *, n_positions: int = 64, n_layer: int = 2, n
     config = GPT2Config(
         vocab_size=tok.get_vocab_size(), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         bos_token_id=eos, eos_token_id=eos,
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():  # random init is near-uniform; sharper weights give varied, peaky logits

@@ -34,7 +34,7 @@ class Quiet:
 
 
 WORDS = ["", " ", "prompt", "auto", "random", "oldest", "boundary", "attention", "int8", "cpu", "float32", "8", "-1",
-         "1e3", "nan", "caf\udce9", "\ud800", "a\x00b", "x" * 300, "~nouser/x", "linear", "sessions", "last"]  # fmt: skip
+         "1e3", "nan", "caf\udce9", "\ud800", "a\x00b", "x" * 300, "~nouser/x", "linear", "sessions", "last"]
 SCALARS = st.one_of(
     st.none(),
     st.booleans(),
@@ -142,7 +142,7 @@ def perturbed(data, defaults: dict, strategies: dict | None = None) -> dict:
 
 SHAPE = {"capacity": None, "keep": None, "evict": None, "policy": None, "recent": None}
 OPTIONS = {"max_new_tokens": 2, "temperature": 0, "top_k": None, "top_p": None, "repetition_penalty": None, "seed": None,
-           "stop": None, "ignore_eos": True} | SHAPE  # fmt: skip
+           "stop": None, "ignore_eos": True} | SHAPE
 POLICY = st.sampled_from(["oldest", "boundary", "attention"])
 
 

@@ -77,7 +77,7 @@ def test_a_span_is_inclusive_and_becomes_half_open():
 @pytest.mark.parametrize("text, fill, says", [
     ("5-3", 10, "reversed"), ("3-10", 10, "out of range"), ("10", 10, "out of range"), ("a-b", 10, "not a span"),
     ("-3", 10, "not a span"), ("3-", 10, "not a span"), ("", 10, "not a span"), ("0", 0, "empty"),
-])  # fmt: skip
+])
 def test_a_bad_span_is_a_usage_error_that_says_why(text, fill, says):
     with pytest.raises(UsageError, match=says):
         parse_span(text, fill)
@@ -263,7 +263,7 @@ def test_the_reverse_prompt_is_cut_from_memory_and_the_next_turn_follows_the_rep
     memory = lm.memory(64, 0)
     template = repl.template_for("chat", None, None)
     state = repl.Chat(lm=lm, memory=memory, session="t", state=home(), save=lambda *a, **k: {}, warn=print,
-                      signals=None, console=None, template=template)  # fmt: skip
+                      signals=None, console=None, template=template)
     reply = lm.encode(" Hello\nUser: more")
     memory.feed(lm.encode("User: hi\nBot:") + reply)
     repl.cut_reverse_prompt(state, reply, " Hello")

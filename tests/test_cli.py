@@ -18,8 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import ok
-from wmgen.cli import app
 from reference import Reference, reference_greedy
+from wmgen.cli import app
 
 PROMPT = "The lighthouse keeper"
 LONG_PROMPT = (
@@ -387,7 +387,7 @@ def test_closed_stdout_ends_the_run_quietly_with_status_0(tiny_dir):
         [sys.executable, "-m", "wmgen", "generate", "--model", str(tiny_dir),
          "-n", "5000", "--ignore-eos", "--capacity", "32", PROMPT],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy(),
-    )  # fmt: skip
+    )
     try:
         head = proc.stdout.read(5)
         proc.stdout.close()
@@ -427,7 +427,7 @@ def test_from_scratch_needs_no_prompt_at_all(tiny_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "wmgen", "generate", "--model", str(tiny_dir), "--from-scratch", "-n", "5", "--seed", "2"],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout != ""
 

@@ -61,9 +61,9 @@ def continue_at_once(tiny_dir, name: str, prompts: list[str], fmt: str, tmp_path
         os.mkfifo(fifo)
         fifos.append(fifo)
         args = ["generate", "-m", str(tiny_dir), "-c", "-s", name, "-n", "40", "-t", "0", "--ignore-eos", "-q",
-                "--format", fmt, "-f", str(fifo)]  # fmt: skip
+                "--format", fmt, "-f", str(fifo)]
         procs.append(subprocess.Popen([sys.executable, "-m", "wmgen", *args], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}))  # fmt: skip
+                                      stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}))
     ends = [open_for_writing(fifo, proc) for fifo, proc in zip(fifos, procs)]  # the barrier
     for fd, prompt in zip(ends, prompts):
         os.set_blocking(fd, True)
@@ -96,7 +96,7 @@ def test_two_continuations_at_once_both_survive_and_each_says_where(tiny_dir, to
         assert "conflict" not in first and second["conflict"] == name
         warned = a_err if a is second else b_err
         assert warned == (f"wmgen: warning: session '{name}' was saved by another run after this one read it, "
-                          f"so it is kept; this memory is saved as '{name}-2'\n"), warned  # fmt: skip
+                          f"so it is kept; this memory is saved as '{name}-2'\n"), warned
         assert (b_err if a is second else a_err) == ""
         for end, prompt, ids in ((a, " A", a_ids), (b, " B", b_ids)):
             assert len(ids) == 40

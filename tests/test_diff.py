@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import GPT2_TOKENIZER, needs_gpt2_tokenizer
 from wmgen.diff import diff
@@ -27,7 +28,7 @@ def snapshot(ids, texts=None, pinned=()) -> dict:
     """A snapshot as `snapshot.describe` lays one out, by hand."""
     texts = texts if texts is not None else [f"<{t}>" for t in ids]
     return {"slots": [{"slot": i, "position": i, "token": t, "origin": "prompt", "logprob": None, "pinned": i in pinned, "text": x}
-                      for i, (t, x) in enumerate(zip(ids, texts))]}  # fmt: skip
+                      for i, (t, x) in enumerate(zip(ids, texts))]}
 
 
 def ids(snap: dict) -> list[int]:
@@ -79,7 +80,7 @@ def test_the_ops_tile_both_memories_and_say_what_they_hold(x, y):
         assert len(a["text"]) == len(a["pinned"]) == len(a["origin"]) == len(a["tokens"])
         n, m = a["end"] - a["start"], b["end"] - b["start"]
         assert {"equal": n == m > 0 and a["tokens"] == b["tokens"], "delete": n > 0 == m, "insert": m > 0 == n,
-                "replace": n > 0 and m > 0}[o["op"]], o  # fmt: skip
+                "replace": n > 0 and m > 0}[o["op"]], o
         at_a, at_b = a["end"], b["end"]
     assert (at_a, at_b) == (len(x), len(y))
     changes = [o["op"] != "equal" for o in result["ops"]]
@@ -140,7 +141,7 @@ def test_an_insertion_of_new_tokens_is_exactly_that_insertion(x, new, data):
     i = data.draw(st.integers(0, len(x)))
     result = diff(snapshot(x), snapshot(x[:i] + new + x[i:]))
     inserted = [(o["a"]["start"], o["a"]["end"], o["b"]["start"], o["b"]["end"], o["b"]["tokens"]) for o in result["ops"]
-                if o["op"] == "insert"]  # fmt: skip
+                if o["op"] == "insert"]
     assert inserted == [(i, i, i, i + len(new), new)]
 
 
@@ -187,7 +188,7 @@ def described(tokenizer, token_ids: list[int], keep: int = 0) -> dict:
     slots = [Slot(t, "prompt") for t in token_ids]
     shape = Shape(capacity=max(2, len(slots) + 1), keep=keep, evict=1)
     return describe(slots, shape, counters={"evictions": 0, "evicted": 0, "recomputed": 0, "seen": len(slots)},
-                    kv_bytes_per_token=0, token_text=lambda t: tokenizer.decode([t]))  # fmt: skip
+                    kv_bytes_per_token=0, token_text=lambda t: tokenizer.decode([t]))
 
 
 TEXTS = [
@@ -232,7 +233,7 @@ PIECES = ["The", " light", "house", "\n", " ", "\t", "  ", ".", " keeper", "\r\n
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, len(PIECES) - 1), max_size=30), st.lists(st.integers(0, len(PIECES) - 1), max_size=30),
-       st.integers(0, 4))  # fmt: skip
+       st.integers(0, 4))
 def test_each_hunk_is_the_text_of_its_slots_and_every_change_is_in_one(x, y, context):
     a, b = snapshot(x, [PIECES[t] for t in x]), snapshot(y, [PIECES[t] for t in y])
     result = diff(a, b)

@@ -43,7 +43,6 @@ def apply(memory: WorkingMemory, ref, op, undo: list) -> int | None:
     """Do `op` on both; the first slot it changed (None: nothing changed)."""
     kind = op[0]
     if kind == "read":
-        first = memory.fill
         memory.read(op[1])
         ref.read([Entry(t) for t in op[1]])
         return None  # read runs the model itself

@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import assert_rows_match_alone
+from reference import reference_windows
 from wmgen.generation import Finished, Started, Token, generate
 from wmgen.memory import WorkingMemory
 from wmgen.settings import RunSettings, Sampling
-from conftest import assert_rows_match_alone
-from reference import reference_windows
 
 ATOL, RTOL = 1e-4, 1e-4
 PROMPT = "The lighthouse keeper climbed the stairs"

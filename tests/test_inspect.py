@@ -100,7 +100,7 @@ def saved_once(tiny_dir, tmp_path_factory) -> bytes:
         ok(invoke(
             "generate", "-m", str(tiny_dir), "-t", "0", "--ignore-eos", "-n", str(NEW),
             "--capacity", str(CAPACITY), "--keep", str(KEEP), "--evict", str(EVICT), PROMPT,
-        ))  # fmt: skip
+        ))
     return (folder / "sessions" / "last.json").read_bytes()
 
 

@@ -18,10 +18,10 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import SAMPLE_TEXT, assert_int8_close, assert_rows_match_alone, fresh_logits, kl, ok, one_line_error, text_ids
+from reference import reference_windows
 from wmgen.cli import app
 from wmgen.gpt2 import Int8Linear, int8_available, quantize_rows
 from wmgen.memory import WorkingMemory
-from reference import reference_windows
 
 if not int8_available():
     pytest.skip("this torch has none of the int8 kernels (fbgemm, oneDNN, int8pack), so --dtype int8 cannot run here", allow_module_level=True)
@@ -167,7 +167,7 @@ def test_int8_recompute_after_an_eviction_is_a_fresh_int8_pass_over_the_window(i
         if full_before:  # keep=0: the whole window is read again in one pass, as a fresh pass reads it
             recomputes += 1
             expected = fresh_last_logits(int8_model, windows[step])
-            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
+            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4, msg=lambda m, step=step: f"step {step}: {m}")
     assert recomputes >= 3 and memory.counters.evictions == recomputes
 
 
@@ -284,7 +284,7 @@ def test_int8_on_cuda_in_a_real_process_is_one_line_without_traceback(tiny_dir):
     result = subprocess.run(
         [sys.executable, "-m", "wmgen", "generate", "-m", str(tiny_dir), "--dtype", "int8", "--device", "cuda", "--no-save", "hello"],
         capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
@@ -308,7 +308,7 @@ def test_int8_perplexity_is_finite_and_close_to_float32(tiny_dir, tmp_path):
     scores = {}
     for dtype in ("float32", "int8"):
         args = ["perplexity", str(text), "-m", str(tiny_dir), "--dtype", dtype, "--capacity", "32", "--evict", "8",
-                "--max-tokens", "200", "--json", "-q"]  # fmt: skip
+                "--max-tokens", "200", "--json", "-q"]
         scores[dtype] = json.loads(ok(runner.invoke(app, args)))
     exact, approx = scores["float32"], scores["int8"]
     assert approx["tokens"] == exact["tokens"] and approx["evictions"] == exact["evictions"] > 0

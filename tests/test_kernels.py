@@ -143,7 +143,7 @@ def test_a_kernel_with_other_results_is_never_chosen_however_fast(measured_here)
     slow_and_right = lambda w, b: lambda x: [torch.addmm(b, x, w) for _ in range(20)][-1]  # noqa: E731
     fast_and_wrong = lambda w, b: lambda x: x @ w  # noqa: E731 (no bias)
     role = kernels.Role("64x32", ("right", "wrong"), 64, lambda: weights,
-                        lambda kernel, w, b: (slow_and_right if kernel == "right" else fast_and_wrong)(w, b), 1e-5)  # fmt: skip
+                        lambda kernel, w, b: (slow_and_right if kernel == "right" else fast_and_wrong)(w, b), 1e-5)
     timings, _, _ = kernels.measure_roles([role])
     assert set(timings["64x32"]) == {"right"}
 
@@ -154,7 +154,7 @@ def test_a_kernel_with_other_results_is_never_chosen_however_fast(measured_here)
 @pytest.mark.parametrize("text, expected", [
     ("linear", ("linear",)), ("packed", ("packed",)), ("int8pack", ("int8pack",)),
     ("linear,onednn", ("linear", "onednn")), (" fbgemm , addmm ", ("fbgemm", "addmm")),
-])  # fmt: skip
+])
 def test_kernel_choices_that_parse(text, expected):
     assert kernels.parse(text) == expected
 
@@ -175,7 +175,7 @@ def test_forcing_through_the_variable_runs_that_kernel_and_says_so(tiny_dir, mon
     assert ok(result).strip()
     line = [x for x in result.stderr.splitlines() if x.startswith("kernels: ")]
     assert line == ["kernels: float32 64x192 linear · 64x64 linear · 64x256 linear · 256x64 linear · "
-                    f"head 64x{load_tokenizer(str(tiny_dir))[0].vocab_size} linear (forced) · keys and values float32"], result.stderr  # fmt: skip
+                    f"head 64x{load_tokenizer(str(tiny_dir))[0].vocab_size} linear (forced) · keys and values float32"], result.stderr
     if "int8pack" in INT8_HERE:
         result = runner.invoke(app, [*args, "--dtype", "int8"])
         assert ok(result).strip() and "kernels: int8 64x192 int8pack · " in result.stderr and "(forced)" in result.stderr
@@ -257,7 +257,7 @@ def test_another_machine_thread_count_torch_or_dtype_measures_again(tiny_dir, tm
 @pytest.mark.parametrize("content", [
     b"{not json", b"\xff\xfe\x00garbage", b"", b"[1, 2, 3]", b'{"version": 99, "kernels": {}}',
     b'{"version": 1, "kernels": []}', b'{"version": 1, "kernels": {"x": 1}}',
-])  # fmt: skip
+])
 def test_a_broken_cache_file_is_ignored_and_replaced(tiny_dir, tmp_path, measured_here, content):
     cache = tmp_path / "kernels.json"
     cache.write_bytes(content)

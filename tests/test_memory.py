@@ -11,11 +11,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reference import Entry, Reference, received_by_eager
 from wmgen.errors import UsageError
 from wmgen.gpt2 import GPT2, GPT2Config
 from wmgen.memory import CONTINUED, GENERATED, PROMPT, WorkingMemory
 from wmgen.window import shape
-from reference import Entry, Reference, received_by_eager
 
 VOCAB, N_POSITIONS = 50, 32
 SHAPE = dict(vocab_size=VOCAB, n_positions=N_POSITIONS, n_embd=16, n_layer=2, n_head=2)
@@ -68,7 +68,7 @@ def eager_attend(tokens: list[int], new: list[int]) -> list[float]:
 
 def reference_for(memory: WorkingMemory) -> Reference:
     return Reference(memory.capacity, memory.keep, memory.evict, memory.shape.policy, memory.recent,
-                     token_text=WORDS.token_text, attend=eager_attend)  # fmt: skip
+                     token_text=WORDS.token_text, attend=eager_attend)
 
 
 def shapes_for(policies: tuple[str, ...]):
@@ -79,7 +79,7 @@ def shapes_for(policies: tuple[str, ...]):
         lambda capacity: st.integers(0, capacity - 1).flatmap(
             lambda keep: st.integers(1, capacity - keep).flatmap(
                 lambda evict: st.tuples(st.just(capacity), st.just(keep), st.just(evict), st.sampled_from(policies),
-                                        recent_for(capacity, keep, evict))  # fmt: skip
+                                        recent_for(capacity, keep, evict))
             )
         )
     )

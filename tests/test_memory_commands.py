@@ -66,7 +66,7 @@ def test_forget_pin_insert_and_undo_edit_the_saved_slots(made, tok):
     (("insert", "last", "999", "text"), 2),  # no such slot
     (("forget", "nothere", "1"), 1),         # no such session
     (("undo", "last"), 1),                   # no edit to undo yet
-])  # fmt: skip
+])
 def test_a_bad_edit_is_one_line_and_the_session_is_unchanged(made, args, code):
     before = session_file().read_bytes()
     one_line_error(invoke("memory", *args), code)

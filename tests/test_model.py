@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from wmgen.errors import ModelError, UsageError
-from wmgen.model import load_model, load_tokenizer
 from wmgen.gpt2 import Linear
+from wmgen.model import load_model, load_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 
@@ -44,7 +44,7 @@ def hf_pairs(model, hf):
         for mine, theirs in (
             (block.ln_1, h.ln_1), (block.c_attn, h.attn.c_attn), (block.c_proj, h.attn.c_proj),
             (block.ln_2, h.ln_2), (block.c_fc, h.mlp.c_fc), (block.mlp_proj, h.mlp.c_proj),
-        ):  # fmt: skip
+        ):
             weight, bias = (mine.dense(), mine.bias) if isinstance(mine, Linear) else mine
             pairs += [(weight, theirs.weight), (bias, theirs.bias)]
     return pairs
@@ -69,7 +69,7 @@ def test_model_info_matches_the_checkpoint_config(tiny_dir, hf_model):
     c = hf_model.config
     assert (info.n_positions, info.n_layer, info.n_embd, info.n_head, info.vocab_size) == (
         c.n_positions, c.n_layer, c.n_embd, c.n_head, c.vocab_size,
-    )  # fmt: skip
+    )
     model = load_model(info, device="cpu", dtype="float32")
     assert model.config.eos_token_id == c.eos_token_id
 

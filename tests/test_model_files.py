@@ -270,7 +270,7 @@ def agrees_with_the_weights(config: dict) -> bool:
         and type(eps) in (int, float) and 0 < eps <= sys.float_info.max
         and config.get("activation_function", "gelu_new") in ACTIVATION_NAMES
         and (eos is None or type(eos) is int and 0 <= eos < 50257)
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")

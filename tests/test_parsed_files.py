@@ -194,7 +194,7 @@ def test_a_pathological_user_config_is_status_2_naming_the_file(tiny_dir, text):
 
 @pytest.mark.parametrize("args", [
     ["generate", "x"], ["inspect-memory", "--prompt", "x"], ["perplexity", "-"],
-])  # fmt: skip
+])
 def test_every_command_that_reads_the_user_config_refuses_a_deep_one(tiny_dir, args):
     path = write_config(Path(os.environ["WMGEN_HOME"]) / "config.toml", BAD_TOML["deep-arrays"])
     line = one_line_error(runner.invoke(app, [*args, "-m", str(tiny_dir)], input="some text"), 2)
@@ -209,7 +209,7 @@ def test_a_pathological_config_is_one_line_from_a_wmgen_process(tiny_dir, tmp_pa
     else:
         path, extra = write_config(Path(os.environ["WMGEN_HOME"]) / "config.toml", text), []
     result = subprocess.run([sys.executable, "-m", "wmgen", "generate", *extra, "-m", str(tiny_dir), "x"],
-                            capture_output=True, text=True, timeout=120, env=os.environ.copy(), check=False)  # fmt: skip
+                            capture_output=True, text=True, timeout=120, env=os.environ.copy(), check=False)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"wmgen: error: {path} is nested more than 64 levels deep, more than wmgen reads\n"
 
@@ -228,7 +228,7 @@ def test_a_pathological_config_given_to_the_library_is_a_usage_error(tiny_dir, t
     ("[sampling]\ntemperature = nan\n", "[sampling] temperature"),
     ("[sampling]\ntop_p = -inf\n", "[sampling] top_p"),
     ("[sampling]\nseed = " + "9" * 4000 + "\n", "[sampling] seed"),
-])  # fmt: skip
+])
 def test_values_toml_allows_but_wmgen_does_not_name_the_file_and_key(tiny_dir, tmp_path, text, key):
     path = write_config(tmp_path / "odd.toml", text)
     line = one_line_error(runner.invoke(app, ["generate", "--config", str(path), "-m", str(tiny_dir), "x"]), 2)
@@ -238,7 +238,7 @@ def test_values_toml_allows_but_wmgen_does_not_name_the_file_and_key(tiny_dir, t
 @pytest.mark.parametrize("variable, value", [
     ("WMGEN_MAX_NEW_TOKENS", "9" * 5000), ("WMGEN_CAPACITY", "9" * 5000), ("WMGEN_SEED", "-" + "9" * 5000),
     ("WMGEN_TEMPERATURE", "nan"), ("WMGEN_TOP_P", "1e400"), ("WMGEN_KERNELS", "[" * 100_000),
-])  # fmt: skip
+])
 def test_pathological_variables_are_status_2_naming_the_variable(tiny_dir, monkeypatch, variable, value):
     monkeypatch.setenv(variable, value)
     line = one_line_error(runner.invoke(app, ["generate", "-m", str(tiny_dir), "--no-save", "x"]), 2)

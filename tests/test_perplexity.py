@@ -154,7 +154,7 @@ def test_json_output_has_the_documented_fields(tiny_dir, text_file):
     assert r.exit_code == 0, r.stderr
     data = json.loads(r.stdout)
     for key in ("tokens", "nll", "perplexity", "bits_per_byte", "capacity", "keep", "evict", "evictions",
-                "recomputed", "recompute_share", "seconds", "tokens_per_s", "model", "file"):  # fmt: skip
+                "recomputed", "recompute_share", "seconds", "tokens_per_s", "model", "file"):
         assert key in data, key
     assert data["capacity"] == 32 and data["evict"] == 8
     assert data["perplexity"] == pytest.approx(math.exp(data["nll"]))
@@ -177,7 +177,7 @@ def test_stdin_text_is_scored_like_the_file(tiny_dir, text_file):
 
 def test_sweep_prints_one_row_per_valid_shape(tiny_dir, text_file):
     r = runner.invoke(app, ["perplexity", str(text_file), "-m", str(tiny_dir), "--json",
-                            "--sweep", "capacity=16,32", "evict=1,8"])  # fmt: skip
+                            "--sweep", "capacity=16,32", "evict=1,8"])
     assert r.exit_code == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [(row["capacity"], row["evict"]) for row in rows] == [(16, 1), (16, 8), (32, 1), (32, 8)]
@@ -240,7 +240,7 @@ def test_progress_never_reaches_stdout(tiny_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "wmgen", "perplexity", str(WIKITEXT), "-m", str(tiny_dir), "--max-tokens", "300", "--json"],
         capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)  # the whole of stdout is one JSON document
     assert data["tokens"] == 299

@@ -120,7 +120,7 @@ def jsonl_and_json(tiny_dir, tmp_path_factory) -> tuple[list[dict], dict]:
     out = {}
     for fmt in ("jsonl", "json"):
         result = subprocess.run(command(tiny_dir, "--format", fmt, *args), stdin=subprocess.DEVNULL,
-                                capture_output=True, timeout=120, env=env)  # fmt: skip
+                                capture_output=True, timeout=120, env=env)
         assert result.returncode == 0, result.stderr.decode()
         assert result.stderr == b"", f"--format {fmt} wrote to stderr: {result.stderr!r}"
         out[fmt] = result.stdout.decode("utf-8")
@@ -231,7 +231,7 @@ def check_result(record: dict, tok, *, line: int | None, prompt: str, sample: in
 
 def test_each_line_from_stdin_gives_one_jsonl_result_per_line_in_order_equal_to_greedy_alone(tiny_dir, tok):
     result = run_process(command(tiny_dir, "--each-line", "--format", "jsonl", "-t", "0", "-n", "12"),
-                         input=EACH_LINE_INPUT.encode())  # fmt: skip
+                         input=EACH_LINE_INPUT.encode())
     assert result.returncode == 0, result.stderr.decode()
     assert result.stderr == b""
     records = json_lines(result.stdout.decode("utf-8"))
@@ -247,7 +247,7 @@ def test_each_line_from_a_file_as_json_is_one_array_in_input_order(tiny_dir, tok
     path = tmp_path / "prompts.txt"
     path.write_text(EACH_LINE_INPUT, encoding="utf-8")
     result = run_process(command(tiny_dir, "--each-line", "-f", str(path), "--format", "json", "-t", "0", "-n", "12"),
-                         stdin=subprocess.DEVNULL)  # fmt: skip
+                         stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr.decode()
     records = json.loads(result.stdout)
     assert isinstance(records, list)
@@ -262,7 +262,7 @@ def test_each_line_text_prints_each_continuation_then_the_separator_line(tiny_di
     extra = () if separator is None else ("--separator", separator)
     out = ok(generate(tiny_dir, "--each-line", "-t", "0", "-n", "8", *extra, input=EACH_LINE_INPUT))
     expected = "".join(alone(tiny_dir, p, "-t", "0", "-n", "8")["text"] + "\n" + (separator or "---") + "\n"
-                       for _, p in EACH_LINE_PROMPTS)  # fmt: skip
+                       for _, p in EACH_LINE_PROMPTS)
     assert out == expected
 
 
@@ -273,7 +273,7 @@ def test_each_line_text_prints_each_continuation_then_the_separator_line(tiny_di
 )
 def test_batched_greedy_equals_each_prompt_alone_token_for_token(tiny_dir, tok, batch_size, args):
     out = ok(generate(tiny_dir, "--each-line", "--batch-size", batch_size, "--format", "jsonl", "-t", "0", *args,
-                      input="\n".join(FIVE_LINES) + "\n"))  # fmt: skip
+                      input="\n".join(FIVE_LINES) + "\n"))
     records = json_lines(out)
     assert [r["line"] for r in records] == [1, 2, 3, 4, 5]
     for record, prompt in zip(records, FIVE_LINES):
@@ -327,7 +327,7 @@ def test_each_line_with_num_samples_gives_every_lines_samples_in_order(tiny_dir,
 
 def spawn(args: list[str], *, input: bytes | None = None) -> subprocess.Popen:
     proc = subprocess.Popen(args, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ(), start_new_session=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ(), start_new_session=True)
     if input is not None:
         proc.stdin.write(input)
         proc.stdin.close()
@@ -415,7 +415,7 @@ def run_on_a_terminal(args: list[str], *, stderr_to_terminal: bool = True, **env
     environment = {k: v for k, v in environ().items() if k not in ("TERM", "COLUMNS")}
     environment |= {"TERM": "xterm-256color", "COLUMNS": "160", **env}
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=child,
-                            stderr=child if stderr_to_terminal else subprocess.PIPE, env=environment)  # fmt: skip
+                            stderr=child if stderr_to_terminal else subprocess.PIPE, env=environment)
     os.close(child)
     try:
         shown = read_terminal(parent)
@@ -454,7 +454,7 @@ def test_no_color_generate_with_stats_on_a_terminal_writes_no_escape_bytes(tiny_
 def test_no_color_with_stdout_on_a_terminal_and_stderr_to_a_file_writes_no_escape_bytes(tiny_dir):
     # NO_COLOR=1 wmgen generate … 2>log.txt
     code, shown, log = run_on_a_terminal(command(tiny_dir, "-n", "5", "--stats", "--seed", "1", PROMPT),
-                                         stderr_to_terminal=False, NO_COLOR="1")  # fmt: skip
+                                         stderr_to_terminal=False, NO_COLOR="1")
     assert code == 0, log
     assert "tokens/s" in log
     assert_no_escapes(shown, "stdout (a terminal) with NO_COLOR=1")

@@ -8,9 +8,9 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
+from reference import Entry, Reference, ends_a_sentence
 from wmgen.policies import Attention, Boundary, Oldest, Slot, make
 from wmgen.window import fit
-from reference import Entry, Reference, ends_a_sentence
 
 TEXTS = [" a", " word", ".", "!", "?", "\n", " end.", '."', "?)", "。", "！", "？」", '"', ")", " x.y", "", " 3.5"]
 

@@ -103,7 +103,7 @@ def test_a_batched_step_accumulates_scores_as_a_step_alone_does(lm):
         if batch:
             rows = MemoryBatch(lm.network, 2, 12, 0, 3, policy="attention", tokenizer=lm.tokenizer)
             logits = [rows.rows[r].read(lm.encode(p))[0] for r, p in enumerate(["a b c", PROMPT])]
-            for step in range(8):
+            for _ in range(8):
                 tokens = [int(x.argmax()) for x in logits]
                 logits = list(rows.append(tokens, [None, None]))
             mems.append(rows.rows)
@@ -112,7 +112,7 @@ def test_a_batched_step_accumulates_scores_as_a_step_alone_does(lm):
             for p in ["a b c", PROMPT]:
                 m = lm.memory(capacity=12, keep=0, evict=3, policy="attention")
                 x, _ = m.read(lm.encode(p))
-                for step in range(8):
+                for _ in range(8):
                     x = m.append(int(x.argmax()))
                 alone.append(m)
             mems.append(alone)
@@ -148,7 +148,7 @@ def home(tmp_path):
 
 def test_policy_flag_is_saved_with_scores_and_kept_by_continue(tiny_dir, home):
     ok(invoke("generate", "-m", str(tiny_dir), "--policy", "attention", "--recent", "5", "--capacity", "16",
-              "--evict", "4", "-n", "30", "-t", "0", "--ignore-eos", PROMPT))  # fmt: skip
+              "--evict", "4", "-n", "30", "-t", "0", "--ignore-eos", PROMPT))
     saved = session(home)
     assert (saved["policy"], saved["recent"]) == ("attention", 5)
     scores = [s["score"] for s in saved["slots"]]
@@ -195,7 +195,7 @@ def test_bad_policy_settings_are_one_line_errors(tiny_dir, args, env, needle):
     ({"policy": "lru"}, "must be one of oldest, boundary, attention"),
     ({"capacity": 4096}, "cannot be used with"),  # more than the model's positions
     ({"policy": "attention", "recent": 10**6}, "'recent'"),
-])  # fmt: skip
+])
 def test_a_session_that_cannot_fit_is_unusable_in_every_command_with_status_1(tiny_dir, home, change, needle):
     ok(invoke("generate", "-m", str(tiny_dir), "-n", "3", "-t", "0", PROMPT))
     path = home / "sessions" / "last.json"
@@ -219,7 +219,7 @@ def test_inspect_memory_shows_the_policy_and_each_slots_score(tiny_dir, home):
 def test_inspect_memory_previews_a_prompt_under_a_policy(tiny_dir):
     text = "One two three four. Five six seven eight nine ten eleven twelve"
     data = json.loads(ok(invoke("inspect-memory", "-m", str(tiny_dir), "--prompt", text, "--capacity", "8", "--evict", "2",
-                                "--policy", "boundary", "--json")))  # fmt: skip
+                                "--policy", "boundary", "--json")))
     assert data["policy"] == "boundary"
     oldest = json.loads(ok(invoke("inspect-memory", "-m", str(tiny_dir), "--prompt", text, "--capacity", "8", "--evict", "2", "--json")))
     assert data["unread"] >= oldest["unread"] and data["fill"] <= oldest["fill"]
@@ -229,7 +229,7 @@ def test_inspect_memory_previews_a_prompt_under_a_policy(tiny_dir):
 
 def test_jsonl_eviction_events_list_the_positions_the_policy_dropped(tiny_dir):
     r = invoke("generate", "-m", str(tiny_dir), "--policy", "attention", "--capacity", "16", "--keep", "2", "--evict", "4",
-               "--recent", "6", "--format", "jsonl", "-n", "40", "-t", "0", "--ignore-eos", PROMPT)  # fmt: skip
+               "--recent", "6", "--format", "jsonl", "-n", "40", "-t", "0", "--ignore-eos", PROMPT)
     events = [json.loads(line) for line in ok(r).splitlines()]
     evictions = [e for e in events if e["type"] == "eviction"]
     assert evictions
@@ -242,7 +242,7 @@ def test_perplexity_sweeps_policies_and_reports_each(tiny_dir, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"Sentence {i} is here." for i in range(40)), encoding="utf-8")
     rows = json.loads(ok(invoke("perplexity", str(text), "-m", str(tiny_dir), "--json", "--sweep", "policy=oldest,boundary,attention",
-                                "capacity=16,32", "--evict", "4")))  # fmt: skip
+                                "capacity=16,32", "--evict", "4")))
     assert [(r["policy"], r["capacity"]) for r in rows] == [(p, c) for p in POLICIES for c in (16, 32)]
     assert all(math.isfinite(r["perplexity"]) for r in rows)
     assert len({round(r["perplexity"], 6) for r in rows if r["capacity"] == 16}) > 1, "the policies scored alike"

@@ -8,12 +8,12 @@ import json
 import random
 
 import pytest
-from conftest import ok
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import wmgen
+from conftest import ok
 from wmgen.cli import app
 
 runner = CliRunner()

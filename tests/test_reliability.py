@@ -45,7 +45,7 @@ def environ(**extra: str) -> dict:
 
 
 def wmgen(*args, model: Path | None = None, input: bytes | None = None, stdin=subprocess.DEVNULL, env: dict | None = None,
-          timeout: float = TIMEOUT, **popen) -> subprocess.CompletedProcess:  # fmt: skip
+          timeout: float = TIMEOUT, **popen) -> subprocess.CompletedProcess:
     """`python -m wmgen ARGS` (with `--model` after the command when given), captured."""
     argv = list(args)
     if model is not None:
@@ -55,7 +55,7 @@ def wmgen(*args, model: Path | None = None, input: bytes | None = None, stdin=su
     popen.setdefault("stdout", subprocess.PIPE)
     popen.setdefault("stderr", subprocess.PIPE)
     return subprocess.run([sys.executable, "-m", "wmgen", *argv], input=input, stdin=stdin, timeout=timeout,
-                          env=env or environ(), **popen)  # fmt: skip
+                          env=env or environ(), **popen)
 
 
 def text(data: bytes | None) -> str:
@@ -136,7 +136,7 @@ def test_a_closed_pipe_ends_every_command_quietly_with_status_0(tiny_dir, base_s
         os.close(read_end)
         try:
             result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.PIPE,
-                                    timeout=TIMEOUT, env=environ())  # fmt: skip
+                                    timeout=TIMEOUT, env=environ())
         finally:
             os.close(write_end)
         status, stderr = result.returncode, result.stderr
@@ -190,7 +190,7 @@ def test_an_error_with_stderr_closed_writes_nothing_to_stdout_and_exits_2(tiny_d
 
 def test_a_run_with_stderr_closed_still_prints_its_text_and_exits_0(tiny_dir):
     result = wmgen("generate", "-n", "3", "--stats", "--no-save", "-t", "0", "hi", model=tiny_dir, stderr=None,
-                   preexec_fn=close_stderr)  # fmt: skip
+                   preexec_fn=close_stderr)
     assert result.returncode == 0, f"exit {result.returncode}; stdout: {result.stdout!r}"
     assert result.stdout, "no text on stdout"
     assert b"tokens/s" not in result.stdout, "the --stats line went to stdout"
@@ -322,7 +322,7 @@ KEEP_PROMPT = ("--capacity", "16", "--keep", "prompt", "-t", "0", "--seed", "5",
 def test_each_line_with_keep_prompt_pins_each_lines_own_prompt(tiny_dir):
     lines = ["Hi", "one two three four five six seven eight nine ten eleven"]
     result = wmgen("generate", "--each-line", *KEEP_PROMPT, "--format", "jsonl", model=tiny_dir,
-                   input=("\n".join(lines) + "\n").encode())  # fmt: skip
+                   input=("\n".join(lines) + "\n").encode())
     records = [json.loads(line) for line in succeeded(result).splitlines()]
     assert [r["prompt"] for r in records] == lines
     for record, line in zip(records, lines):
@@ -333,7 +333,7 @@ def test_each_line_with_keep_prompt_pins_each_lines_own_prompt(tiny_dir):
 def test_each_line_with_a_line_too_long_to_pin_is_refused_before_any_result(tiny_dir):
     lines = ["Hi", " ".join(["word"] * 20)]
     result = wmgen("generate", "--each-line", *KEEP_PROMPT, "--format", "jsonl", model=tiny_dir,
-                   input=("\n".join(lines) + "\n").encode())  # fmt: skip
+                   input=("\n".join(lines) + "\n").encode())
     one_line(result, 2)
 
 
@@ -410,13 +410,13 @@ def test_no_stdin_does_not_wait_for_a_stdin_that_never_closes(tiny_dir, tmp_path
 
 def test_f_dash_reads_the_prompt_from_stdin(tiny_dir):
     record = json.loads(succeeded(wmgen("generate", "-f", "-", "-n", "3", "--no-save", "--format", "json",
-                                        model=tiny_dir, input=b"Once upon\n")))  # fmt: skip
+                                        model=tiny_dir, input=b"Once upon\n")))
     assert record["prompt"] == "Once upon"
 
 
 def test_num_samples_from_scratch_with_empty_stdin_gives_every_sample(tiny_dir):
     out = succeeded(wmgen("generate", "--num-samples", "2", "--from-scratch", "-n", "3", "--format", "jsonl",
-                          "--no-save", model=tiny_dir, input=b""))  # fmt: skip
+                          "--no-save", model=tiny_dir, input=b""))
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["sample"] for r in records] == [0, 1]
 
@@ -473,7 +473,7 @@ def test_a_good_plot_path_gets_the_plot(tiny_dir, text_file, tmp_path):
 @pytest.mark.parametrize("flag, value", [("--top-p", "1e-46"), ("--temperature", "1e-300")])
 def test_a_tiny_but_valid_sampling_value_runs_and_produces_tokens(tiny_dir, flag, value):
     out = succeeded(wmgen("generate", flag, value, "-n", "3", "--ignore-eos", "--no-save", "--format", "json", "hi",
-                          model=tiny_dir))  # fmt: skip
+                          model=tiny_dir))
     assert len(json.loads(out)["tokens"]) == 3
 
 

@@ -106,7 +106,7 @@ def test_top_k_1_equals_greedy(loaded):
 
 def test_temperature_0_is_argmax():
     g = new_generator(0, "cpu")
-    for logits, history, _, _ in random_cases(50):
+    for logits, _, _, _ in random_cases(50):
         assert choose(logits, Sampling(temperature=0), g) == int(logits.argmax())
         # the filters never drop the most likely token, so they change nothing at temperature 0
         assert choose(logits, Sampling(temperature=0, top_k=3, top_p=0.2), g) == int(logits.argmax())

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wmgen.sampling import choose, keep_top_p, new_generator, penalize_repetition, probabilities
 from wmgen.settings import Sampling, coerce
@@ -44,7 +45,7 @@ def cases(draw):
     logits = torch.tensor(values, dtype=torch.float32)
     history = draw(st.lists(st.integers(0, len(values) - 1), max_size=2 * len(values)))
     s = Sampling(temperature=draw(temperatures), top_k=draw(top_ks), top_p=draw(top_ps),
-                 repetition_penalty=draw(penalties))  # fmt: skip
+                 repetition_penalty=draw(penalties))
     for key in ("temperature", "top_k", "top_p", "repetition_penalty"):  # the settings accept it as it is
         assert coerce(key, getattr(s, key), key) == getattr(s, key)
     return logits, history, s, draw(st.integers(0, 2**32))

@@ -40,7 +40,7 @@ def a_snapshot(tokenizer: str = TOKENIZER, text: str = "The lighthouse keeper") 
         counters={"evictions": 1, "evicted": 4, "recomputed": 6, "seen": 10},
         kv_bytes_per_token=4096, token_text=lambda t: f"<{t}>",
         model="/models/tiny", tokenizer=tokenizer, sampling={"temperature": 0.7, "top_k": 0, "seed": 7}, text=text,
-    )  # fmt: skip
+    )
 
 
 def saved(state: Path, name: str = "last", **kwargs) -> Path:
@@ -96,11 +96,11 @@ near_misses = st.sampled_from(
     [MISSING, -1, 0, 1, 2, 3, 4, 5, 6, 15, 16, 17, 10**9, 10**40, -(10**9), True, False, None, 2.0, 6.0, 0.5,
      math.nan, math.inf, -math.inf, "", "6", "prompt", "generated", "continued", "other", [], {}, [1],
      {"evictions": 0, "evicted": 0, "recomputed": 0, "seen": 0}]
-)  # fmt: skip
+)
 values = st.one_of(near_misses, json_values)
 
 TOP = ["schema_version", "name", "saved_at", "created_at", "capacity", "keep", "evict", "fill", "kv_bytes",
-       "kv_bytes_per_token", "counters", "model", "tokenizer", "sampling", "text", "slots", "policy", "recent"]  # fmt: skip
+       "kv_bytes_per_token", "counters", "model", "tokenizer", "sampling", "text", "slots", "policy", "recent"]
 COUNTER_KEYS = ["evictions", "evicted", "recomputed", "seen"]
 SLOT_KEYS = ["slot", "position", "token", "origin", "logprob", "pinned", "new", "text", "score", "queries"]
 MAX_INT = 2**53 - 1  # every count stays exact as a double (jq's numbers)
@@ -385,7 +385,7 @@ def unreadable_kinds(state: Path) -> dict[str, str]:
         f.truncate(sessions.MAX_BYTES + 1)
     os.symlink(folder / "nowhere", folder / "dangling.json")
     kinds = {"badjson": "not valid JSON", "badfield": "'capacity' is -5", "fifo": "named pipe", "dir": "a folder",
-             "huge": "larger than 64 MiB", "dangling": "symbolic link to a missing file"}  # fmt: skip
+             "huge": "larger than 64 MiB", "dangling": "symbolic link to a missing file"}
     if os.geteuid() != 0:  # root reads anything
         saved(state, "private")
         (folder / "private.json").chmod(0)

@@ -231,7 +231,7 @@ def test_numbers_from_the_environment_are_typed(env):
 
 def test_settings_are_frozen(env):
     s = load_settings(flags={}, env=env)
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError
         s.sampling.temperature = 2.0  # type: ignore[misc]
 
 
@@ -284,7 +284,7 @@ def test_bad_value_in_the_user_config_names_that_file_and_key(home, env):
     "variable, value",
     [("WMGEN_TEMPERATURE", "-1"), ("WMGEN_TEMPERATURE", "hot"), ("WMGEN_TOP_P", "2"), ("WMGEN_CAPACITY", "big"),
      ("WMGEN_KEEP", "half"), ("WMGEN_IGNORE_EOS", "maybe"), ("WMGEN_DEVICE", "tpu")],
-)  # fmt: skip
+)
 def test_bad_environment_value_names_the_variable(env, variable, value):
     with pytest.raises(UsageError) as e:
         load_settings(flags={}, env={**env, variable: value})
@@ -295,7 +295,7 @@ def test_bad_environment_value_names_the_variable(env, variable, value):
     "flag, value, name",
     [("temperature", -0.1, "--temperature"), ("top_k", -1, "--top-k"), ("top_p", 0.0, "--top-p"),
      ("max_new_tokens", -1, "--max-new-tokens"), ("capacity", 1, "--capacity"), ("evict", 0, "--evict")],
-)  # fmt: skip
+)
 def test_bad_flag_value_names_the_flag(env, flag, value, name):
     with pytest.raises(UsageError) as e:
         load_settings(flags={flag: value}, env=env)
@@ -317,7 +317,7 @@ def test_a_good_flag_does_not_hide_a_bad_lower_layer_value_it_overrides(env):
      ("[run]\ntop_k = 5\n", ["top_k"]),
      ("temperature = 0.5\n", ["temperature"])],
     ids=["unknown-section", "unknown-key", "key-in-the-wrong-section", "key-outside-a-section"],
-)  # fmt: skip
+)
 def test_unknown_section_or_key_is_an_error_naming_file_and_key(tmp_path, env, text, names):
     path = tmp_path / "unknown.toml"
     path.write_text(text, encoding="utf-8")
@@ -378,12 +378,12 @@ def wheel(tmp_path_factory) -> Path:
         ROOT, source,
         ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
                                       ".hypothesis", "benchmarks", "tests"),
-    )  # fmt: skip
+    )
     out = work / "dist"
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(out), str(source)],
         capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    )
     wheels = sorted(out.glob("wmgen-*.whl"))
     if result.returncode != 0 or not wheels:
         pytest.skip(f"could not build a wheel offline (pip wheel exit {result.returncode}): {result.stderr.strip()[-500:]}")
@@ -404,7 +404,7 @@ def test_presets_load_by_name_from_a_non_editable_install(wheel, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target), str(wheel)],
         capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    )
     if result.returncode != 0:
         pytest.skip(f"could not install the wheel offline: {result.stderr.strip()[-500:]}")
     names = [p.stem for p in PRESET_FILES]

@@ -12,7 +12,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from conftest import WHERE, env_text, toml_for
 from wmgen.errors import UsageError
@@ -37,7 +38,7 @@ GOOD = {
     "policy": "attention", "recent": 16,
     "temperature": 0.7, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1, "seed": 7,
     "max_new_tokens": 50, "stop": ("END",), "ignore_eos": True,
-}  # fmt: skip
+}
 LARGEST = 2**63 - 1
 
 
@@ -102,7 +103,7 @@ def assert_one_line(message: str) -> None:
 SPECIAL_FLOATS = [math.nan, math.inf, -math.inf, 0.0, -0.0, 5e-324, 1e-308, 1e-46, 1e-300, 0.5, 1.0, 1.5, 1e308]
 SPECIAL_INTS = [0, 1, 2, -1, 10**9, 10**9 + 1, LARGEST, LARGEST + 1, -(2**63), 10**30]
 WORDS = ["auto", "prompt", "random", "cpu", "float32", "gpt2", "", " ", "nan", "inf", "-inf", "-1", "0", "0.5",
-         "2.5", "1e999", "1e-46", "5e-324", "true", "maybe", "1" * 30, "9" * 5000]  # fmt: skip
+         "2.5", "1e999", "1e-46", "5e-324", "true", "maybe", "1" * 30, "9" * 5000]
 SURROGATES = st.text(st.characters(min_codepoint=0xDC80, max_codepoint=0xDCFF), min_size=1, max_size=3)
 
 toml_scalars = st.one_of(
@@ -202,7 +203,7 @@ def test_nan_and_infinities_are_refused_for_every_float_key(tmp_path, key, layer
 
 
 BAD_COUNTS = [(k, v) for k in INT_KEYS for v in (True, 2.5, math.nan, math.inf, 10**30)] + [
-    ("max_new_tokens", 10**9 + 1), ("seed", -1), ("seed", 2**63)]  # fmt: skip
+    ("max_new_tokens", 10**9 + 1), ("seed", -1), ("seed", 2**63)]
 
 
 @pytest.mark.parametrize(
@@ -223,7 +224,7 @@ def test_counts_refuse_booleans_fractions_nan_infinity_and_absurd_sizes(tmp_path
     [("max_new_tokens", 10**9), ("top_k", LARGEST), ("seed", LARGEST), ("temperature", 5e-324), ("temperature", 1e308),
      ("top_p", 1e-46), ("top_p", 5e-324), ("repetition_penalty", 5e-324), ("repetition_penalty", 1e308),
      ("temperature", 0), ("top_k", 0), ("max_new_tokens", 0), ("capacity", 2)],
-)  # fmt: skip
+)
 def test_the_edges_of_the_accepted_ranges_are_accepted(tmp_path, key, value):
     for layer in ("file", "env", "flag"):
         result, label = load_with(layer, key, env_text(value) if layer == "env" else value, tmp_path)
@@ -241,7 +242,7 @@ def test_a_bad_config_file_value_is_reported_though_a_flag_overrides_it(tmp_path
     bad = {"model": "", "device": "tpu", "dtype": "int4", "capacity": 1, "keep": -1, "evict": 0, "policy": "newest",
            "recent": -1, "temperature": -1.0,
            "top_k": -1, "top_p": 1.5, "repetition_penalty": 0.0, "seed": "lucky", "max_new_tokens": -1, "stop": 3,
-           "ignore_eos": "maybe"}[key]  # fmt: skip
+           "ignore_eos": "maybe"}[key]
     path = tmp_path / "bad-but-overridden.toml"
     path.write_text(toml_for(key, bad), encoding="utf-8")
     with pytest.raises(UsageError) as e:
@@ -439,7 +440,7 @@ names = st.one_of(
     st.builds(lambda a, b, c: a + b + c, st.sampled_from(["", "~", "~nobody-here/", "/", "./", "../", "/dev/"]),
               st.text(max_size=6) | SURROGATES | st.just("\0"), st.sampled_from(["", ".toml", "/x.toml"])),
     st.integers(250, 5000).map(lambda n: "x" * n),
-)  # fmt: skip
+)
 
 
 @settings(max_examples=150, deadline=None)

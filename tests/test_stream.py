@@ -4,11 +4,11 @@ when a token ends inside a multi-byte character; stop texts are never emitted.""
 from __future__ import annotations
 
 import pytest
-from conftest import needs_gpt2_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from conftest import needs_gpt2_tokenizer
 from wmgen.generation import Finished, StopText, Token, generate
 from wmgen.memory import WorkingMemory
 from wmgen.settings import RunSettings, Sampling

@@ -17,7 +17,8 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from conftest import ok
@@ -57,7 +58,7 @@ def made_once(tiny_dir, tmp_path_factory) -> bytes:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WMGEN_HOME", str(folder))
         ok(invoke("generate", "-m", str(tiny_dir), "--policy", "attention", "--capacity", "16", "--keep", "2",
-                  "--evict", "4", "-n", "20", "-t", "0", "--ignore-eos", PROMPT))  # fmt: skip
+                  "--evict", "4", "-n", "20", "-t", "0", "--ignore-eos", PROMPT))
     return (folder / "sessions" / "last.json").read_bytes()
 
 
@@ -142,7 +143,7 @@ def test_generate_json_is_strict_json_with_minus_infinite_logprobs(tiny_dir, min
 @pytest.mark.parametrize("fmt", ["json", "jsonl"])
 def test_generate_each_line_json_is_strict_json(tiny_dir, minus_infinity, fmt):
     out = ok(invoke("generate", "-m", str(tiny_dir), "-n", "3", "-t", "0", "--ignore-eos", "--format", fmt, "--each-line",
-                    input="one\ntwo\n"))  # fmt: skip
+                    input="one\ntwo\n"))
     docs = strict(out) if fmt == "json" else [strict(line) for line in out.splitlines()]
     assert [d["logprobs"] for d in docs] == [[None] * 3] * 2
 
@@ -213,7 +214,7 @@ NASTY = [
     "two\nlines", "carriage\rreturn", "crlf\r\nline", "tab\there", "nul\x00byte", "escape \x1b[31mred\x1b[0m",
     "vertical\x0btab", "form\x0cfeed", "next\x85line", "line\u2028separator", "paragraph\u2029separator",
     "bidi \u202eevil", "[/x] markup [bold]", "delete\x7f",
-]  # fmt: skip
+]
 
 
 def assert_one_line_places(out: str) -> None:

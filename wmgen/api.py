@@ -48,7 +48,7 @@ EMPTY_PROMPT = "the prompt is empty; give some text, or from_scratch=True to sta
 
 
 def load(model: str | None = None, *, device: str | None = None, dtype: str | None = None, config: str | None = None,
-         kernels: str | None = None, **defaults) -> Model:  # fmt: skip
+         kernels: str | None = None, **defaults) -> Model:
     """A GPT-2 checkpoint, ready to use: `model` is a hub id (`gpt2`, `distilgpt2`,
     ...) or a local folder, found by the same rules as `--model`. The tokenizer is
     read now; the weights are read on first use.
@@ -93,7 +93,7 @@ class Model:
     natural logarithms (nats)."""
 
     def __init__(self, settings: Settings, *, loading: Callable[[str], AbstractContextManager] | None = None,
-                 kernels: Sequence[str] = ()):  # fmt: skip
+                 kernels: Sequence[str] = ()):
         """`settings` as `wmgen.settings.load_settings` builds them; `loading(name)`
         is entered while the weights are read (the command line shows a spinner);
         `kernels` forces kernels (names from `wmgen.kernels`)."""
@@ -123,7 +123,7 @@ class Model:
 
                     with self._loading(self.info.name):
                         self._network = load_model(self.info, device=self.settings.model.device, dtype=self.settings.model.dtype,
-                                                   forced_kernels=self._forced_kernels, kernel_cache=kernel_cache(os.environ))  # fmt: skip
+                                                   forced_kernels=self._forced_kernels, kernel_cache=kernel_cache(os.environ))
         return self._network
 
     @property
@@ -154,7 +154,7 @@ class Model:
     # --- working memory -----------------------------------------------------------
 
     def shape(self, capacity: int | None = None, keep: int | str | None = None, evict: int | None = None, *,
-              policy: str | None = None, recent: int | None = None, prompt_tokens: int = 0) -> Shape:  # fmt: skip
+              policy: str | None = None, recent: int | None = None, prompt_tokens: int = 0) -> Shape:
         """A memory's `Shape` (`capacity`, `keep`, `evict`, `policy`, `recent`): the
         values given, else the settings', with the defaults filled in and checked
         against the model (no weights read); `keep="prompt"` pins `prompt_tokens`."""
@@ -162,7 +162,7 @@ class Model:
         return self._fresh_shape(given, values, whole(prompt_tokens, "prompt_tokens"))
 
     def memory(self, capacity: int | None = None, keep: int | str | None = None, evict: int | None = None, *,
-               policy: str | None = None, recent: int | None = None) -> WorkingMemory:  # fmt: skip
+               policy: str | None = None, recent: int | None = None) -> WorkingMemory:
         """A new, empty working memory of `capacity` tokens (default: the settings',
         else the model's limit), the first `keep` pinned (a count, or "prompt": the
         first tokens read), `evict` tokens dropped at a time when full (default: a
@@ -172,7 +172,7 @@ class Model:
         return self._new_memory(*self._shape_values(capacity, keep, evict, policy, recent))
 
     def restore(self, snapshot: dict, *, capacity: int | None = None, keep: int | None = None, evict: int | None = None,
-                policy: str | None = None, recent: int | None = None, source: str = "the snapshot") -> WorkingMemory:  # fmt: skip
+                policy: str | None = None, recent: int | None = None, source: str = "the snapshot") -> WorkingMemory:
         """A memory holding a snapshot's tokens (their keys and values are computed
         by the next pass, with its own tokens). It keeps the snapshot's shape and
         policy (with the slots' scores) unless `capacity`, `keep`, `evict`,
@@ -198,13 +198,13 @@ class Model:
         try:
             s = shape(cap, kept, evict, self.n_positions, policy=policy, recent=recent)
         except UsageError as e:
-            if asked.get(e.key) is not None:
+            if e.key is not None and asked.get(e.key) is not None:
                 raise  # the caller's value
             from wmgen.errors import SessionError
 
             raise SessionError(f"{source} cannot be used with {self.info.name}: {e}") from None
         memory = WorkingMemory(self.network, s.capacity, s.keep, s.evict, policy=s.policy, recent=s.recent,
-                               tokenizer=self.tokenizer, model_id=self.name)  # fmt: skip
+                               tokenizer=self.tokenizer, model_id=self.name)
         memory.restore(snapshot)
         memory.sampling = snapshot.get("sampling")
         return memory
@@ -237,7 +237,7 @@ class Model:
         beyond = next((s for s in snapshot["slots"] if not 0 <= s["token"] < self.info.vocab_size), None)
         if beyond is not None:
             raise SessionError(f"{source} cannot be used: slot {beyond['slot']} holds token {beyond['token']}, "
-                               f"outside the vocabulary of {self.info.name} (0..{self.info.vocab_size - 1})")  # fmt: skip
+                               f"outside the vocabulary of {self.info.name} (0..{self.info.vocab_size - 1})")
         s = shape_of(snapshot)
         try:
             shape(s.capacity, s.keep, s.evict, self.n_positions, policy=s.policy, recent=s.recent)
@@ -255,7 +255,7 @@ class Model:
     # --- generating -----------------------------------------------------------------
 
     def events(self, prompt: str | Sequence[int] = "", *, memory: WorkingMemory | None = None, from_scratch: bool = False,
-               should_stop: Callable[[], bool] | None = None, **options) -> Iterator[Event]:  # fmt: skip
+               should_stop: Callable[[], bool] | None = None, **options) -> Iterator[Event]:
         """Generate from `prompt` (text, or token ids), yielding the events
         `--format jsonl` writes: `Started`, then per token `Token` (and `Evicted`
         when the step evicted), then `Finished`.
@@ -286,7 +286,7 @@ class Model:
                 raise UsageError("capacity, keep, evict, policy and recent shape a new memory; this one has its own (make another with Model.memory)")
         origin = CONTINUED if memory.tokens else PROMPT
         events = generate(memory, self.tokenizer, ids, run_settings.run, run_settings.sampling, eos_id=self.eos_id,
-                          origin=origin, should_stop=should_stop or (lambda: False))  # fmt: skip
+                          origin=origin, should_stop=should_stop or (lambda: False))
         return self._recording(events, memory, run_settings.sampling)
 
     @staticmethod
@@ -314,7 +314,7 @@ class Model:
         return next(collect(self.events(prompt, **options), [prompt if isinstance(prompt, str) else self.decode(prompt)]))
 
     def generate_each(self, prompts: Sequence[str | Sequence[int]], *, seed: int | Sequence[int] | None = None, batch_size: int = 8,
-                      from_scratch: bool = False, should_stop: Callable[[], bool] | None = None, **options) -> Iterator[Generation]:  # fmt: skip
+                      from_scratch: bool = False, should_stop: Callable[[], bool] | None = None, **options) -> Iterator[Generation]:
         """Generate for several prompts, `batch_size` rows at a time (each step reads
         the weights once for all rows); results in input order, each batch's as it
         ends. Every row has its own memory, shaped for its own prompt, and its own
@@ -343,9 +343,9 @@ class Model:
         for start in range(0, len(ids), batch_size):
             chunk = range(start, min(start + batch_size, len(ids)))
             batch = MemoryBatch(self.network, len(chunk), shapes[start].capacity, [values[1]] * len(chunk), values[2],
-                                policy=values[3], recent=values[4], tokenizer=self.tokenizer, model_id=self.name)  # fmt: skip
+                                policy=values[3], recent=values[4], tokenizer=self.tokenizer, model_id=self.name)
             events = generate_batch(batch, self.tokenizer, [ids[i] for i in chunk], run_settings.run, run_settings.sampling,
-                                    [seeds[i] for i in chunk], eos_id=self.eos_id, should_stop=should_stop or (lambda: False))  # fmt: skip
+                                    [seeds[i] for i in chunk], eos_id=self.eos_id, should_stop=should_stop or (lambda: False))
             done = sorted(collect(events, [texts[i] for i in chunk]), key=lambda g: g.stats.row)
             for g in done:
                 yield replace(g, stats=replace(g.stats, row=start + g.stats.row))
@@ -360,7 +360,7 @@ class Model:
 
     def perplexity(self, text: str | Sequence[int], *, capacity: int | None = None, keep: int | None = None, evict: int | None = None,
                    policy: str | None = None, recent: int | None = None, max_tokens: int | None = None,
-                   progress: Callable[[int], None] | None = None) -> Score:  # fmt: skip
+                   progress: Callable[[int], None] | None = None) -> Score:
         """Score `text` (or token ids) through a fresh working memory: every token but
         the first gets the log-probability the model gives it from what is in memory
         just before it. The `Score` has `perplexity`, `nll` (nats per token),
@@ -382,7 +382,7 @@ class Model:
 
     def preview(self, text: str | Sequence[int], *, from_scratch: bool = False, capacity: int | None = None,
                 keep: int | str | None = None, evict: int | None = None, policy: str | None = None,
-                recent: int | None = None) -> dict:  # fmt: skip
+                recent: int | None = None) -> dict:
         """How `text` (or token ids) would fill a new memory, as a snapshot
         (tokenizer only, no weights read), with `prompt_tokens` and `unread` (tokens
         that would not fit). It takes the shape `generate` would take, and refuses
@@ -404,7 +404,7 @@ class Model:
             kv_bytes_per_token=kv_bytes_per_token(self.info.n_layer, self.info.n_embd, value_bytes),
             token_text=self.tokenizer.token_text, model=self.name, tokenizer=self.tokenizer.fingerprint,
             sampling=None, text=self.decode([slot.token for slot in kept]),
-        )  # fmt: skip
+        )
         return snap | {"prompt_tokens": len(ids), "unread": unread}
 
     def attention(self, snapshot: dict, layer: int | None = None, *, source: str = "the snapshot") -> list[float]:

@@ -294,7 +294,7 @@ def report_turn(chat: Chat, before: tuple[int, int, int], signals) -> None:
     if evicted:
         shape = {"policy": m.shape.policy, "recent": m.shape.recent}
         chat.notice(f"this turn evicted {evicted} tokens in {evictions} eviction{'s' * (evictions != 1)}, by policy "
-                    f"{policy_words(shape)}; {recomputed} recomputed; fill {m.fill}/{m.capacity}")  # fmt: skip
+                    f"{policy_words(shape)}; {recomputed} recomputed; fill {m.fill}/{m.capacity}")
     if f.reason == "eos" and not f.generated:
         chat.notice("the model ended the text (<|endoftext|>) at once; type more, or /undo")
     if signals.received == signal.SIGINT:
@@ -579,7 +579,7 @@ def show_help(chat: Chat, rest: str):
     lines = [f"{usage:<{width}}  {what}" for usage, what in HELP]
     lines += ["", "Slots are numbered as /show numbers them; I-J includes both ends. In text, \\n is a newline.",
               "An empty line lets the model go on; // starts a line that begins with /.",
-              "Ctrl-C stops a turn (what was generated stays); Ctrl-D saves and leaves."]  # fmt: skip
+              "Ctrl-C stops a turn (what was generated stays); Ctrl-D saves and leaves."]
     chat.show("\n".join(lines))
 
 
@@ -591,7 +591,7 @@ COMMANDS: dict[str, Callable] = {
     "/show": show, "/text": text, "/attention": attention, "/forget": forget, "/pin": pin, "/unpin": unpin,
     "/insert": insert, "/undo": undo, "/save": save, "/fork": fork, "/load": load, "/set": set_option,
     "/stats": stats, "/help": show_help, "/exit": leave_now, "/quit": leave_now,
-}  # fmt: skip
+}
 
 
 # --- reading lines ---------------------------------------------------------------------

@@ -348,7 +348,7 @@ def generate(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos,
         capacity=capacity, keep=keep, evict=evict, policy=policy, recent=recent, model=model, device=device, dtype=dtype,
-    )  # fmt: skip
+    )
     state = state_dir(os.environ)
     name = sessions.check_name("last" if session is None else session)
     if format_ not in FORMATS:
@@ -475,7 +475,7 @@ def run_generate(lm, text: str, out: Output, *, memory, save_to, from_scratch: b
                     about["settings"]["sampling"]["seed"] = event.seed  # said, so a run can be repeated
                     if event.unread:
                         notice(f"the prompt has {event.prompt_tokens} tokens; memory holds {memory.capacity}: "
-                               f"{event.unread} tokens before the last {memory.capacity - memory.keep} were not read", out.quiet)  # fmt: skip
+                               f"{event.unread} tokens before the last {memory.capacity - memory.keep} were not read", out.quiet)
                 if isinstance(event, Finished):
                     saved = save_memory(save_to, memory)
                     writer.write(event, **saved)
@@ -539,7 +539,7 @@ def save_memory(save_to, memory, *, report: bool = True) -> dict:
 
 
 def read_prompts(argument: str | None, file: str | None, *, each_line: bool, samples: int, from_scratch: bool = False,
-                 use_stdin: bool = True) -> list[tuple[int | None, int | None, str]]:  # fmt: skip
+                 use_stdin: bool = True) -> list[tuple[int | None, int | None, str]]:
     """(line number, sample number, prompt) for every row of a batched run."""
     if not each_line:
         text = read_prompt(argument, file, required=not from_scratch, use_stdin=use_stdin)
@@ -582,7 +582,7 @@ def run_many(settings, prompts, out: Output, *, from_scratch: bool, batch_size: 
     t0 = perf_counter()
     with Signals() as signals:
         results = lm.generate_each([text for _, _, text in prompts], seed=seeds, batch_size=batch_size,
-                                   from_scratch=from_scratch, should_stop=signals.stop_requested)  # fmt: skip
+                                   from_scratch=from_scratch, should_stop=signals.stop_requested)
         try:
             for i, g in enumerate(results):
                 line, sample, text = prompts[i]
@@ -847,7 +847,7 @@ def perplexity(
             results.append(lm.perplexity(ids, **shape._asdict(), progress=advance))
     if looks_untrained(results[0].perplexity, lm.info.vocab_size):
         notice(f"warning: perplexity {results[0].perplexity:.0f} is about the vocabulary size ({lm.info.vocab_size}): "
-               "this model looks untrained, so these numbers say nothing about quality", quiet)  # fmt: skip
+               "this model looks untrained, so these numbers say nothing about quality", quiet)
 
     from wmgen.render import put
 

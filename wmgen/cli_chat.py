@@ -59,7 +59,7 @@ def chat(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos,
         capacity=capacity, keep=keep, evict=evict, policy=policy, recent=recent, model=model, device=device, dtype=dtype,
-    )  # fmt: skip
+    )
     state = state_dir(os.environ)
     name = sessions.check_name("last" if session is None else session)
     transcript = repl.template_for(template, user_prefix, bot_prefix)
@@ -89,7 +89,7 @@ def chat(
         lm=lm, memory=memory, session=name, state=state, save=lambda m, n, report=True: cli.save_memory((state, n), m, report=report),
         warn=cli.warn, signals=cli.Signals, console=console, plain=plain, interactive=sys.stdin is not None and sys.stdin.isatty(),
         autosave=not no_save, quiet=quiet, template=transcript,
-    )  # fmt: skip
+    )
     try:
         code = repl.run_chat(state_of_chat)
     except BrokenPipeError:  # a reader closed stdout: end quietly, the memory saved

@@ -50,7 +50,7 @@ def _edit(name: str, change, quiet: bool) -> None:
         slots, shape_of(record), counters=record["counters"], kv_bytes_per_token=record["kv_bytes_per_token"],
         token_text=tokenizer.token_text, model=record["model"], tokenizer=record["tokenizer"],
         sampling=record.get("sampling"), text=tokenizer.decode([s.token for s in slots]),
-    )  # fmt: skip
+    )
     sessions.write(state, name, snap, undoable=True)
     _say(f"session '{name}': {said}; undo with: wmgen memory undo {name}", quiet)
 
@@ -113,7 +113,7 @@ def _pins(session: str, span: str | None, text: str | None, value: bool, quiet: 
 @memory_app.command("pin")
 def pin(session: Session, span: Span = None,
         text: Annotated[Optional[str], typer.Option("--text", help="Pin every occurrence of this text instead of a span.", show_default=False)] = None,
-        quiet: Quiet = False) -> None:  # fmt: skip
+        quiet: Quiet = False) -> None:
     """Pin slots of a saved memory, anywhere: no policy evicts them."""
     _pins(session, span, text, True, quiet)
 
@@ -121,7 +121,7 @@ def pin(session: Session, span: Span = None,
 @memory_app.command("unpin")
 def unpin(session: Session, span: Span = None,
           text: Annotated[Optional[str], typer.Option("--text", help="Unpin every occurrence of this text instead of a span.", show_default=False)] = None,
-          quiet: Quiet = False) -> None:  # fmt: skip
+          quiet: Quiet = False) -> None:
     """Unpin slots of a saved memory."""
     _pins(session, span, text, False, quiet)
 

@@ -34,7 +34,7 @@ def diff(a: dict, b: dict) -> dict:
     """
     slots_a, slots_b = a["slots"], b["slots"]
     x, y = [s["token"] for s in slots_a], [s["token"] for s in slots_b]
-    ops = [
+    ops: list[dict] = [
         {"op": op, "a": side(slots_a, i1, i2), "b": side(slots_b, j1, j2)}
         for op, i1, i2, j1, j2 in opcodes(x, y)
     ]

@@ -31,7 +31,7 @@ def forget(slots: Sequence[Slot], start: int, stop: int, *, pinned: bool = False
     held = [i for i in range(start, stop) if slots[i].pinned]
     if held and not pinned:
         raise UsageError(f"slots {start}..{stop - 1} hold {len(held)} pinned slot(s) (the first is {held[0]}); "
-                         "unpin them first, or forget pinned slots explicitly", key="pinned")  # fmt: skip
+                         "unpin them first, or forget pinned slots explicitly", key="pinned")
     return [*slots[:start], *slots[stop:]]
 
 
@@ -54,7 +54,7 @@ def insert(slots: Sequence[Slot], index: int, new: Sequence[Slot], *, capacity: 
         raise UsageError("nothing to insert: the text has no tokens")
     if not _is_index(index) or not 0 <= index <= len(slots):
         raise UsageError(f"insert before slot {index!r}: the memory has slots 0..{len(slots) - 1}, "
-                         f"so give 0..{len(slots)} ({len(slots)} appends)", key="index")  # fmt: skip
+                         f"so give 0..{len(slots)} ({len(slots)} appends)", key="index")
     need = len(slots) + len(new) - capacity
     drop: list[int] = []
     if need > 0:
@@ -62,7 +62,7 @@ def insert(slots: Sequence[Slot], index: int, new: Sequence[Slot], *, capacity: 
         if len(drop) < need:
             pins = sum(s.pinned for s in slots)
             raise UsageError(f"{len(new)} tokens do not fit beside the {pins} pinned slots of capacity {capacity}; "
-                             f"insert at most {capacity - pins}, or unpin some")  # fmt: skip
+                             f"insert at most {capacity - pins}, or unpin some")
     gone = set(drop)
     index -= sum(1 for i in drop if i < index)
     kept = [s for i, s in enumerate(slots) if i not in gone]

@@ -71,7 +71,7 @@ class Row:
             prefill_s=prefill_s, first_token_s=self.first_token_s, elapsed_s=perf_counter() - t0,
             evictions=c.evictions, evicted=c.evicted, recomputed=c.recomputed, fill=m.fill, capacity=m.capacity,
             row=self.index,
-        )  # fmt: skip
+        )
 
 
 def generate(
@@ -172,7 +172,7 @@ def run_rows(
             evicted = c.evicted - before[row.index][0]
             if evicted:
                 yield Evicted(evicted=evicted, recomputed=c.recomputed - before[row.index][1], fill=row.memory.fill,
-                              row=row.index, positions=row.memory.last_evicted)  # fmt: skip
+                              row=row.index, positions=row.memory.last_evicted)
             row.generated += 1
             piece, stopped = row.stop.push(row.stream.push(token))
             yield Token(index=index, id=token, text=piece, logprob=lps[row.index], fill=row.memory.fill, evicted=evicted, row=row.index)
@@ -207,4 +207,4 @@ def collect(events: Iterator[Event], prompts: Sequence[str]) -> Iterator[Generat
                 prompt=prompts[event.row], text="".join(row["text"]) + event.text, tokens=tuple(row["tokens"]),
                 logprobs=tuple(row["logprobs"]), reason=event.reason, prompt_tokens=start.prompt_tokens,
                 unread=start.unread, seed=start.seed, stats=event,
-            )  # fmt: skip
+            )

@@ -338,7 +338,7 @@ class GPT2:
 
     def __init__(self, config: GPT2Config, weights: dict[str, Tensor], *, int8: bool = False,
                  kv_dtype: torch.dtype | None = None, forced_kernels: tuple[str, ...] = (),
-                 kernel_cache: Path | None = None):  # fmt: skip
+                 kernel_cache: Path | None = None):
         """Takes the tensors out of `weights` as it goes (so that repacked ones can be
         freed at once). With `int8`, every projection and the output head are
         quantized to int8 (`Int8Linear`); layer norms and position embeddings stay
@@ -410,7 +410,7 @@ class GPT2:
         while jobs:
             kernel, todo = jobs.popitem()
             with quantized_engine(kernel if kernel in Int8Linear.ENGINES else None):  # torch-wide: one engine at a time
-                for i, part, converted in convert(todo, lambda args: build(*args, kernel=kernel), threads=2 if self.int8 else 1):
+                for i, part, converted in convert(todo, lambda args, kernel=kernel: build(*args, kernel=kernel), threads=2 if self.int8 else 1):
                     made[i][part] = converted
         return made
 
@@ -435,13 +435,13 @@ class GPT2:
                 groups.setdefault(shape_key(args, int8), []).append(args)
         inputs = 1 if int8 else 0  # the dimension of a weight that `x` meets
         roles = [role(key, candidates, group[0][0].shape[inputs], lambda g=group: kernels.sample(g, g[0][0].numel()))
-                 for key, group in groups.items()]  # fmt: skip
+                 for key, group in groups.items()]
         roles.append(role(head_key(head, int8), head_candidates, head[0].shape[inputs], lambda: [head_sample(head, int8)]))
         weights = head[0].numel() + sum(args[0].numel() for group in groups.values() for args in group)
         unmeasured = ("kernels are measured on the CPU only" if self.device.type != "cpu" else
-                      "a model this small is not measured" if weights < kernels.SMALL_WEIGHTS else "")  # fmt: skip
+                      "a model this small is not measured" if weights < kernels.SMALL_WEIGHTS else "")
         return kernels.choose(roles, dtype="int8" if int8 else str(self.dtype).removeprefix("torch."),
-                              forced=next((k for k in forced if k in kind), None), cache=cache, unmeasured=unmeasured)  # fmt: skip
+                              forced=next((k for k in forced if k in kind), None), cache=cache, unmeasured=unmeasured)
 
     @property
     def kv_dtype(self) -> torch.dtype:
@@ -536,7 +536,7 @@ class GPT2:
         return F.layer_norm(x, (E,), *self.ln_f, eps)
 
     def decode_rows(self, ids: Tensor, slots: Tensor, positions: Tensor, store: KVStore, width: int,
-                    received: Tensor | None = None) -> Tensor:  # fmt: skip
+                    received: Tensor | None = None) -> Tensor:
         """One token per row of a batched store: row r's token goes to slot
         `slots[r]` at position `positions[r]` and attends to its slots
         `0..slots[r]` (of the first `width`). Hidden states `[B, E]`. `received`
@@ -558,7 +558,7 @@ class GPT2:
                 a = attend_received(q[:, :, None], keys[:, :, :width], values[:, :, :width], self.scale, received, slots)
             elif rounded:  # each row over its own slots, as it runs alone: rounding differs with the width
                 a = torch.cat([F.scaled_dot_product_attention(q[r : r + 1, :, None], keys[r : r + 1, :, : ends[r]],
-                                                              values[r : r + 1, :, : ends[r]]) for r in range(B)])  # fmt: skip
+                                                              values[r : r + 1, :, : ends[r]]) for r in range(B)])
             else:
                 a = F.scaled_dot_product_attention(q[:, :, None], keys[:, :, :width], values[:, :, :width], attn_mask=seen)
             x = x + b.c_proj(a.reshape(B, E).to(x.dtype), 1)

@@ -60,7 +60,7 @@ def parse(text: str, where: str = "WMGEN_KERNELS") -> tuple[str, ...]:
     if len(floats) + len(int8s) != len(names) or len(floats) > 1 or len(int8s) > 1:
         shown = repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
         raise UsageError(f"{where}: {shown} is not a kernel choice; give one of {', '.join(FLOAT + INT8)}, "
-                         "or one float and one int8 kernel separated by a comma (linear,onednn)")  # fmt: skip
+                         "or one float and one int8 kernel separated by a comma (linear,onednn)")
     return names
 
 
@@ -105,7 +105,7 @@ class Choice:
 
 
 def choose(roles: list[Role], *, dtype: str, forced: str | None = None, cache: Path | None = None,
-           unmeasured: str = "") -> tuple[Choice, dict[str, list]]:  # fmt: skip
+           unmeasured: str = "") -> tuple[Choice, dict[str, list]]:
     """A kernel for every role: the `forced` one (the first candidate for a role
     that cannot run it), else each role's first candidate where `unmeasured` says
     why not to measure, else the cached one, else the fastest measured now (and
@@ -134,7 +134,7 @@ def choose(roles: list[Role], *, dtype: str, forced: str | None = None, cache: P
         problem = write_cache(cache, entries)
         saved, note = not problem, "; ".join(n for n in (note, problem) if n)
     choice = Choice(dtype, {r.key: known.get(r.key) or chosen[r.key] for r in roles}, "measured",
-                    time.perf_counter() - start, cache, note, saved, timings)  # fmt: skip
+                    time.perf_counter() - start, cache, note, saved, timings)
     return choice, {key: built[key, kernel] for key, kernel in chosen.items()}
 
 

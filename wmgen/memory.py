@@ -64,7 +64,7 @@ class WorkingMemory:
 
     def __init__(self, model: GPT2, capacity: int, keep: int | str = 0, evict: int | None = None, *,
                  policy: str = "oldest", recent: int | None = None, store: KVStore | None = None,
-                 tokenizer=None, model_id: str | None = None):  # fmt: skip
+                 tokenizer=None, model_id: str | None = None):
         self.pin_prompt = keep == "prompt"  # keep, evict and recent are settled by the first read
         self._asked = (evict, policy, recent)
         self.model = model
@@ -100,7 +100,7 @@ class WorkingMemory:
         with self._guard:
             if self._user is not None and self._user != me:
                 raise UsageError("this memory is in use by another thread; a memory serves one call at a time "
-                                 "(give each thread its own, with Model.memory or WorkingMemory.fork)")  # fmt: skip
+                                 "(give each thread its own, with Model.memory or WorkingMemory.fork)")
             outer = self._user is None
             self._user = me
         try:
@@ -314,7 +314,7 @@ class WorkingMemory:
         """A copy with its own keys and values (copied, so nothing is recomputed)."""
         with self.claimed():
             twin = WorkingMemory(self.model, self.capacity, self.keep, self.evict, policy=self.shape.policy,
-                                 recent=self.recent, tokenizer=self.tokenizer, model_id=self.model_id)  # fmt: skip
+                                 recent=self.recent, tokenizer=self.tokenizer, model_id=self.model_id)
             twin.pin_prompt, twin._asked = self.pin_prompt, self._asked
             twin.store.copy_from(self.store, self.stale)
             twin.slots, twin.stale = [replace(s) for s in self.slots], self.stale
@@ -328,11 +328,11 @@ class WorkingMemory:
 
     def _no_room(self, need: int) -> str:
         return (f"{len(self.pinned)} pinned slots leave no room for {need} more in capacity {self.capacity}; "
-                "unpin some, or raise the capacity")  # fmt: skip
+                "unpin some, or raise the capacity")
 
     # --- as data ---------------------------------------------------------------------
 
-    def restore(self, snapshot: Snapshot) -> int:
+    def restore(self, snapshot: Snapshot | dict) -> int:
         """Put a snapshot's tokens back without running the model (the next pass
         computes their keys and values with its own tokens, in one batch), with
         their pins and scores; when this memory pins another head than the
@@ -359,7 +359,7 @@ class WorkingMemory:
                 self.slots, self.shape, counters=asdict(self.counters),
                 kv_bytes_per_token=self.kv_bytes_per_token, token_text=tok.token_text if tok else None,
                 model=self.model_id, tokenizer=tok.fingerprint if tok else None, sampling=self.sampling, text=self.text,
-            )  # fmt: skip
+            )
 
     @torch.inference_mode()
     def attention(self) -> Tensor:
@@ -406,7 +406,7 @@ class WorkingMemory:
         fresh = [i for i in range(start, self.fill) if self.slots[i].new]
         received = torch.zeros(1, self.fill, device=self.model.device) if self.policy.scores and fresh else None
         hidden = self.model.forward(ids, start, self.store, received=received, queries=[i - start for i in fresh],
-                                    attention_out=attention_out)  # fmt: skip
+                                    attention_out=attention_out)
         # counted once the pass is done: an interrupted pass leaves them to the next
         self.counters.recomputed += self.fill - start - len(fresh)
         self.mark_computed()
@@ -436,7 +436,7 @@ class MemoryBatch:
     beyond `capacity`, where rows that sit a batched step out write harmlessly."""
 
     def __init__(self, model: GPT2, rows: int, capacity: int, keep: int | str | Sequence[int | str] = 0,
-                 evict: int | None | Sequence[int | None] = None, **about):  # fmt: skip
+                 evict: int | None | Sequence[int | None] = None, **about):
         self.model = model
         self.store = model.new_store(capacity + 1, batch=rows)
         keeps = [keep] * rows if isinstance(keep, (int, str)) else list(keep)
@@ -450,7 +450,7 @@ class MemoryBatch:
         plain = [
             r for r, (m, t) in enumerate(zip(self.rows, tokens))
             if t is not None and compute and m.fill < m.capacity and m.stale == m.fill
-        ]  # fmt: skip
+        ]
         batched = plain if len(plain) > 1 else []
         for r, (memory, token, lp) in enumerate(zip(self.rows, tokens, logprobs)):
             if token is None:
@@ -480,10 +480,10 @@ class MemoryBatch:
         hidden = self.model.decode_rows(
             torch.tensor(ids, device=device), torch.tensor(slots, device=device),
             torch.tensor(positions, device=device), self.store, width=width, received=received,
-        )  # fmt: skip
+        )
         for r in batched:
             row = self.rows[r]
             row.mark_computed()
-            if row.policy.scores:
+            if received is not None and row.policy.scores:
                 row.credit(received[r, : row.fill], [row.fill - 1])
         return self.model.batch_logits(hidden[batched]).float().cpu()

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from wmgen.errors import ModelError, UsageError
 from wmgen import files, kernels
+from wmgen.errors import ModelError, UsageError
 from wmgen.files import one_line
 from wmgen.tokens import Tokenizer, read_text
 
@@ -159,7 +159,7 @@ def read_info(folder: Path, name: str) -> ModelInfo:
         folder=folder, name=name, n_positions=n_positions, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
         vocab_size=vocab_size, raw=raw, n_inner=n_inner, layer_norm_epsilon=float(epsilon),
         activation_function=activation, eos_token_id=eos,
-    )  # fmt: skip
+    )
 
 
 def _positive_number(value) -> bool:
@@ -269,7 +269,7 @@ def check_int8(device: str) -> None:
 
 
 def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto", forced_kernels: tuple[str, ...] = (),
-               kernel_cache: Path | None = None):  # fmt: skip
+               kernel_cache: Path | None = None):
     """The network (`GPT2`) of the checkpoint `info` describes, on `device` in `dtype`;
     `forced_kernels` and `kernel_cache` as `GPT2` takes them."""
     import torch
@@ -303,7 +303,7 @@ def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto", fo
         weights = read_safetensors(weights_path, dtype=torch_dtype, device=device, check=check)
         try:
             return GPT2(config, weights, int8=dtype == "int8", kv_dtype=getattr(torch, kv_dtype(dtype, device)),
-                        forced_kernels=forced_kernels, kernel_cache=kernel_cache)  # fmt: skip
+                        forced_kernels=forced_kernels, kernel_cache=kernel_cache)
         except KeyError as e:
             raise ModelError(f"{weights_path} lacks the GPT-2 weight {e}") from None
 
@@ -328,7 +328,7 @@ def expected_shapes(info: ModelInfo) -> dict[str, tuple[tuple[int, ...], str]]:
             ("ln_2.weight", (E,), embd), ("ln_2.bias", (E,), embd),
             ("mlp.c_fc.weight", (E, inner), mlp), ("mlp.c_fc.bias", (inner,), mlp),
             ("mlp.c_proj.weight", (inner, E), mlp), ("mlp.c_proj.bias", (E,), embd),
-        ):  # fmt: skip
+        ):
             shapes[f"h.{i}.{name}"] = (shape, why)
     return shapes
 
@@ -386,7 +386,7 @@ SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F
 ITEMSIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 POLICY_HELP = ("What a full memory forgets: oldest (default), boundary (the oldest, cut at the end of a sentence or line) "
-               "or attention (the least attended, keeping --recent tokens).")  # fmt: skip
+               "or attention (the least attended, keeping --recent tokens).")
 RECENT_HELP = "With --policy attention: the most recent tokens, always kept. (default: half of capacity - keep)"
 DTYPE_HELP = "auto, float32, bfloat16, float16, or int8 (opt-in, CPU: int8 weights, 2-2.7x faster, approximate; see README)."
 

@@ -81,7 +81,7 @@ class Score:
 
 
 def token_logprobs(memory: WorkingMemory, ids: Sequence[int], *, chunk: int = 512,
-                   progress: Callable[[int], None] | None = None) -> torch.Tensor:  # fmt: skip
+                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Log-probability of each of `ids[1:]` given what the memory held just before it."""
     ids = list(ids)
     out = []
@@ -97,7 +97,7 @@ def token_logprobs(memory: WorkingMemory, ids: Sequence[int], *, chunk: int = 51
 
 
 def score(memory: WorkingMemory, ids: Sequence[int], token_bytes: Callable[[int], bytes], *,
-          progress: Callable[[int], None] | None = None) -> Score:  # fmt: skip
+          progress: Callable[[int], None] | None = None) -> Score:
     t0 = perf_counter()
     logprobs = token_logprobs(memory, ids, progress=progress)
     seconds = perf_counter() - t0

@@ -94,7 +94,7 @@ def generation_record(g: Generation) -> dict:
     return {
         "prompt": g.prompt, "text": g.text, "tokens": list(g.tokens), "logprobs": list(g.logprobs), "reason": g.reason,
         "prompt_tokens": g.prompt_tokens, "unread": g.unread, "seed": g.seed, "stats": stats,
-    }  # fmt: skip
+    }
 
 
 class JsonlWriter:
@@ -312,7 +312,7 @@ def show_memory(snap: dict, console, *, head: int | None = None, tail: int | Non
     for i, s in enumerate(slots):
         lp = "" if s.get("logprob") is None else figure(s["logprob"], 2)
         row = [str(s["slot"]), str(s["position"]), str(s["token"]), visible(s.get("text", ""), TOKEN_WIDTH),
-               shown(s["origin"]) + (" (pinned)" if s.get("pinned") else ""), lp]  # fmt: skip
+               shown(s["origin"]) + (" (pinned)" if s.get("pinned") else ""), lp]
         if scored:
             row.append("—" if s.get("score") is None else figure(s["score"], 4))
         if shares is not None:
@@ -502,10 +502,10 @@ def score_table(results, about: dict) -> str:
             f"{r.recomputed} tokens recomputed ({r.recompute_share:.0%}) · {r.seconds:.1f} s, {r.tokens_per_s:.0f} tokens/s"
         )
     lines = ["| policy | capacity | keep | evict | perplexity | bits/byte | tokens/s | recompute share |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {policy_label(r)} | {r.capacity} | {r.keep} | {r.evict} | {r.perplexity:.3f} | {r.bits_per_byte:.4f} | "
-                     f"{r.tokens_per_s:.0f} | {r.recompute_share:.0%} |")  # fmt: skip
+                     f"{r.tokens_per_s:.0f} | {r.recompute_share:.0%} |")
     return "\n".join(lines)
 
 
@@ -533,7 +533,7 @@ def plot_sweep(results, path: str, *, title: str) -> None:
         ax.legend(fontsize=8)
     for r in results:
         ax.annotate(f"C={r.capacity} E={r.evict}" + (f" K={r.keep}" if r.keep else ""), (r.tokens_per_s, r.perplexity),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)  # fmt: skip
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("tokens/s (scoring)")
     ax.set_ylabel("perplexity")
     ax.set_title(title, fontsize=10)

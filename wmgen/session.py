@@ -18,6 +18,7 @@ from wmgen import files
 from wmgen.diff import diff  # noqa: F401  (public as wmgen.sessions.diff)
 from wmgen.errors import SessionError, UsageError
 from wmgen.snapshot import SCHEMA_VERSION, OtherVersion, Unusable, validate
+
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 # A full 1024-token session is about 0.2 MB. The limit leaves room for any window a
@@ -79,7 +80,7 @@ def _load(path: Path) -> dict:
         raise Unusable("it is not valid JSON (nested too deeply)") from None
     if isinstance(record, dict) and "schema_version" not in record:
         raise Unusable("'schema_version' is missing")
-    return validate(record)
+    return dict(validate(record))
 
 
 def _unusable(name: str, path: Path, e: Exception, replaced: bool = False) -> SessionError:
@@ -109,7 +110,7 @@ def read(state: Path, name: str) -> dict:
 
 
 def write(state: Path, name: str, snapshot: dict, *, undoable: bool = False, expected: str | None = None,
-          fallback: bool = False) -> Path:  # fmt: skip
+          fallback: bool = False) -> Path:
     """Write `snapshot` as session `name`: to a temporary file in the same folder,
     flushed to disk, then renamed over the old one, under a file lock. Refuses to
     replace a file that is not a readable session, or one made with another tokenizer
@@ -140,7 +141,7 @@ def _write(state: Path, name: str, snapshot: dict, undoable: bool, expected: str
             path = path_of(state, candidate)
             with FileLock(str(path) + ".lock", timeout=30):
                 if candidate == name:
-                    previous = _existing(path, name, record["tokenizer"])
+                    previous = _existing(path, name, str(record["tokenizer"]))
                     created = previous.get("created_at")
                     if expected is not None and previous and fingerprint(previous) != expected:
                         if not fallback:
@@ -324,7 +325,7 @@ def names(state: Path) -> list[str]:
 def listing(state: Path) -> list[dict]:
     """One summary per saved session; one that cannot be used is listed with the
     reason, whatever it is."""
-    out = []
+    out: list[dict] = []
     for name in names(state):
         try:
             s = read(state, name)
@@ -333,7 +334,7 @@ def listing(state: Path) -> list[dict]:
                 out.append({"name": name, "error": str(e)})
             continue
         out.append({"name": name, "model": s["model"], "fill": s["fill"], "capacity": s["capacity"],
-                    "seen": s["counters"]["seen"], "saved_at": s.get("saved_at")})  # fmt: skip
+                    "seen": s["counters"]["seen"], "saved_at": s.get("saved_at")})
     return out
 
 
@@ -401,7 +402,7 @@ def remember(memory, state: Path, name: str, mark: str) -> None:
 
 
 def load(name: str, model, *, capacity: int | None = None, keep: int | None = None, evict: int | None = None,
-         policy: str | None = None, recent: int | None = None, home: str | Path | None = None):  # fmt: skip
+         policy: str | None = None, recent: int | None = None, home: str | Path | None = None):
     """Session `name` as a `WorkingMemory` of `model` (a `wmgen.Model`), ready to
     continue as `wmgen generate -c` does. It keeps the session's shape and policy
     unless `capacity`, `keep`, `evict` (tokens), `policy` or `recent` is given; see
@@ -413,6 +414,6 @@ def load(name: str, model, *, capacity: int | None = None, keep: int | None = No
     snapshot = read(state, check_name(name))
     mark = fingerprint(snapshot)
     memory = model.restore(snapshot, capacity=capacity, keep=keep, evict=evict, policy=policy, recent=recent,
-                           source=f"session '{name}'")  # fmt: skip
+                           source=f"session '{name}'")
     remember(memory, state, name, mark)
     return memory

@@ -612,7 +612,7 @@ def instance(value, module: str, name: str, where: str):
 
 
 def load_settings(*, flags: Mapping[str, object], env: Mapping[str, str], config: str | None = None,
-                  user_config: bool = True, given: str = "flag") -> Settings:  # fmt: skip
+                  user_config: bool = True, given: str = "flag") -> Settings:
     """Check every value in its own layer (so a bad value is reported where it is
     written, even when a higher layer overrides it), then merge and build `Settings`.
     The library passes `user_config=False` (it reads no user config file) and

@@ -73,7 +73,7 @@ class Snapshot(TypedDict, total=False):
 
 
 def describe(slots: Sequence[Slot], shape: Shape, *, counters: dict, kv_bytes_per_token: int,
-             token_text: Callable[[int], str] | None = None, **about) -> Snapshot:  # fmt: skip
+             token_text: Callable[[int], str] | None = None, **about) -> Snapshot:
     """A memory as plain data: shape, policy, counters, and one record per slot,
     with the token's text when `token_text` is given, and its score under the
     attention policy (null until a later token has attended to it; `queries` says
@@ -83,7 +83,7 @@ def describe(slots: Sequence[Slot], shape: Shape, *, counters: dict, kv_bytes_pe
     records: list[SlotRecord] = []
     for i, s in enumerate(slots):
         record: SlotRecord = {"slot": i, "position": i, "token": s.token, "origin": s.origin,
-                              "logprob": _finite(s.logprob), "pinned": s.pinned, "new": s.new}  # fmt: skip
+                              "logprob": _finite(s.logprob), "pinned": s.pinned, "new": s.new}
         if token_text is not None:
             record["text"] = token_text(s.token)
         if scored:
@@ -110,7 +110,7 @@ def _finite(x: float | None) -> float | None:
 # --- reading ----------------------------------------------------------------------------
 
 
-def slots_of(record: Snapshot) -> list[Slot]:
+def slots_of(record: Snapshot | dict) -> list[Slot]:
     """The slots a (validated) snapshot holds, with their pins and scores."""
     out = []
     for s in record["slots"]:
@@ -119,11 +119,11 @@ def slots_of(record: Snapshot) -> list[Slot]:
         attention, counted = (score * queries, queries) if score is not None and queries else (0.0, 0)
         logprob = s.get("logprob")
         out.append(Slot(s["token"], s["origin"], logprob if logprob is None or math.isfinite(logprob) else None,
-                        attention, counted, bool(s.get("pinned")), bool(s.get("new"))))  # fmt: skip
+                        attention, counted, bool(s.get("pinned")), bool(s.get("new"))))
     return out
 
 
-def shape_of(record: Snapshot) -> Shape:
+def shape_of(record: Snapshot | dict) -> Shape:
     policy = record.get("policy", "oldest")
     return Shape(record["capacity"], record["keep"], record["evict"], policy, record.get("recent") if policy == "attention" else None)
 
@@ -161,7 +161,7 @@ def _is_number(v) -> bool:
 
 
 def integer(low: int) -> Check:
-    return lambda v: None if _is_int(v) and low <= v <= MAX_INT else f"must be an integer in {low}..2**53-1"
+    return lambda v: None if isinstance(v, int) and not isinstance(v, bool) and low <= v <= MAX_INT else f"must be an integer in {low}..2**53-1"
 
 
 def string(v) -> str | None:

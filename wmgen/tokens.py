@@ -96,7 +96,7 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
-    @cache
+    @cache  # noqa: B019 - one tokenizer per model, alive as long as the process
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes a token stands for (a piece of UTF-8, maybe incomplete)."""
         piece = self.backend.id_to_token(token_id)

@@ -31,12 +31,12 @@ class Shape(NamedTuple):
 
 
 def shape(capacity: int | None, keep: int | str, evict: int | None, limit: int, prompt_tokens: int = 0,
-          policy: str = "oldest", recent: int | None = None) -> Shape:  # fmt: skip
+          policy: str = "oldest", recent: int | None = None) -> Shape:
     """The shape with the defaults filled in (capacity: the model's limit; keep
     "prompt": the prompt's length; evict: `default_evict`; recent: half of the
     rolling part, or what `evict` leaves of it), checked."""
     capacity = limit if capacity is None else capacity
-    keep = prompt_tokens if keep == "prompt" else keep
+    keep = prompt_tokens if keep == "prompt" else int(keep)
     evict = default_evict(capacity, keep) if evict is None else evict
     check_shape(capacity, keep, evict, limit)
     if policy not in POLICIES:
@@ -46,7 +46,7 @@ def shape(capacity: int | None, keep: int | str, evict: int | None, limit: int, 
     recent = default_recent(capacity, keep, evict) if recent is None else recent
     if not 0 <= recent <= capacity - keep - evict:
         raise UsageError(f"recent {recent} and evict {evict} do not fit in capacity - keep = {capacity - keep}; "
-                         f"recent can be at most {capacity - keep - evict}", key="recent")  # fmt: skip
+                         f"recent can be at most {capacity - keep - evict}", key="recent")
     return Shape(capacity, keep, evict, policy, recent)
 
 
@@ -66,7 +66,7 @@ def check_pins(pinned: int, capacity: int, evict: int) -> None:
     unpinned slots to drop."""
     if pinned > capacity - evict:
         raise UsageError(f"{pinned} pinned slots leave less than evict {evict} of capacity {capacity} to roll; "
-                         f"at most {capacity - evict} can be pinned (unpin some, or lower evict)", key="pinned")  # fmt: skip
+                         f"at most {capacity - evict} can be pinned (unpin some, or lower evict)", key="pinned")
 
 
 def fit(slots: Sequence[Slot], capacity: int, policy: Policy) -> tuple[list[Slot], int]:
