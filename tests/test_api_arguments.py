@@ -124,7 +124,7 @@ def assert_only_wmgen_errors(call, kwargs: dict, unknown: bool) -> None:
 
 def assert_usable(lm, mem) -> None:
     assert len(mem) == mem.fill <= mem.capacity
-    assert 0 <= mem.valid <= mem.fill and 0 <= mem.keep < mem.capacity
+    assert 0 <= mem.stale <= mem.fill and 0 <= mem.keep < mem.capacity
     out = lm.generate(" ok", memory=mem, max_new_tokens=2, temperature=0, ignore_eos=True)
     assert len(out.tokens) == 2
     assert len(mem) <= mem.capacity and mem.tokens[-2:] == list(out.tokens)
