@@ -24,6 +24,7 @@ except ImportError:  # older typer uses click itself
 from wmgen import options
 from wmgen.cli_chat import chat
 from wmgen.cli_memory import memory_app
+from wmgen.cli_serve import serve
 from wmgen.errors import UsageError, WmgenError
 
 EXIT_CODES = """Exit status: 0 success (also when a reader closes the pipe), 1 runtime failure, 2 usage error, 130 interrupted by Ctrl-C (SIGINT), 143 terminated (SIGTERM)."""
@@ -333,6 +334,7 @@ def generate(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows run together at most (--each-line, --num-samples).", min=1)] = 8,
     separator: Annotated[str, typer.Option("--separator", help="With --format text and several results: the line printed after each.")] = "---",
     no_color: options.NoColor = False,
+    server: Annotated[Optional[str], typer.Option("--server", envvar="WMGEN_SERVER", help="Run on this wmgen serve (a URL) instead of loading the model here; sessions are the server's. (also WMGEN_SERVER)", show_default=False)] = None,
 ) -> None:
     """Stream a continuation of the prompt to stdout.
 
@@ -357,6 +359,15 @@ def generate(
         raise UsageError("--continue goes with a single prompt, not --each-line or --num-samples")
     if continue_ and keep == "prompt":
         raise UsageError("--keep prompt pins a new memory's prompt; with -c the memory keeps its pinned head (give a count to change it)")
+    if server:
+        if each_line or num_samples > 1:
+            raise UsageError("--server runs one prompt at a time; --each-line and --num-samples run here (leave out --server)")
+        if config is not None or device is not None or dtype is not None:
+            raise UsageError("--config, --device and --dtype are the server's own (wmgen serve takes them); leave them out with --server")
+        out = Output(format_, echo=echo, stats=stats, quiet=quiet, color=not no_color and not os.environ.get("NO_COLOR"))
+        text = read_prompt(prompt, file, required=not continue_ and not from_scratch, use_stdin=not no_stdin, quiet=quiet)
+        run_on_server(server, flags, text, out, name=name, continue_=continue_, save=not no_save, from_scratch=from_scratch)
+        return
     previous = sessions.read(state, name) if continue_ else None
     if previous is not None and model is None:
         flags["model"] = previous["model"]  # a continued memory keeps its model unless --model says otherwise
@@ -387,6 +398,7 @@ def generate(
 
 FORMATS = ("text", "jsonl", "json")
 app.command()(chat)  # wmgen chat: its options and state in wmgen.cli_chat, its loop in wmgen.chat
+app.command()(serve)  # wmgen serve: its options in wmgen.cli_serve, its routes in wmgen.server, its batching in wmgen.engine
 
 
 @dataclass(frozen=True)
@@ -454,8 +466,7 @@ def make_writer(out: Output, text: str, about: dict):
 def run_generate(lm, text: str, out: Output, *, memory, save_to, from_scratch: bool) -> None:
     """One prompt: stream its events to the writer, save the memory, report."""
     from wmgen.errors import OutputError
-    from wmgen.events import Finished, Started
-    from wmgen.render import PipeClosed, stats_line
+    from wmgen.render import PipeClosed
     from wmgen.settings import as_dict
 
     settings = lm.settings
@@ -470,22 +481,7 @@ def run_generate(lm, text: str, out: Output, *, memory, save_to, from_scratch: b
     with Signals() as signals:
         events = lm.events(ids, memory=memory, should_stop=signals.stop_requested)
         try:
-            for event in events:
-                if isinstance(event, Started):
-                    about["settings"]["sampling"]["seed"] = event.seed  # said, so a run can be repeated
-                    if event.unread:
-                        notice(f"the prompt has {event.prompt_tokens} tokens; memory holds {memory.capacity}: "
-                               f"{event.unread} tokens before the last {memory.capacity - memory.keep} were not read", out.quiet)
-                if isinstance(event, Finished):
-                    saved = save_memory(save_to, memory)
-                    writer.write(event, **saved)
-                    if out.format == "text" and writer.wrote_any and sys.stdout.isatty():
-                        print()  # leave the shell prompt on a line of its own
-                    if out.stats:
-                        warn_line(stats_line(event))
-                        report_kernels(lm)
-                else:
-                    writer.write(event)
+            write_events(events, writer, out, about, memory.shape, lambda: save_memory(save_to, memory), lm)
         except PipeClosed:
             quiet_stdout()
             events.close()
@@ -497,6 +493,68 @@ def run_generate(lm, text: str, out: Output, *, memory, save_to, from_scratch: b
             save_memory(save_to, memory)
             raise
         signals.exit_if_received(out.quiet)
+
+
+def run_on_server(url: str, flags: dict, text: str, out: Output, *, name: str, continue_: bool, save: bool, from_scratch: bool) -> None:
+    """`generate --server`: the same run on a server, written as a local one is."""
+    from wmgen.client import RemoteRun, check_url
+    from wmgen.errors import OutputError
+    from wmgen.render import PipeClosed
+    from wmgen.settings import coerce
+
+    url = check_url(url)
+    given = {k: coerce(k, v, f"--{k.replace('_', '-')}") for k, v in flags.items() if v is not None and v != () and k != "model"}
+    if not text and not from_scratch and not continue_:
+        raise UsageError("the prompt is empty; give some text, or --from-scratch to start from <|endoftext|>")
+    body = {"prompt": text, "from_scratch": from_scratch, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in given.items()},
+            "session": name, "continue": continue_, "save": save} | ({"model": flags["model"]} if flags.get("model") else {})
+    with Signals() as signals:
+        run = RemoteRun(url, body, os.environ.get("WMGEN_API_KEY"), signals.stop_requested)
+        writer = make_writer(out, text, run.about)
+        try:
+            write_events(run.events(), writer, out, run.about, run.shape, lambda: remote_saved(run, name, out))
+        except (PipeClosed, BrokenPipeError):
+            quiet_stdout()
+            raise BrokenPipe from None
+        except OutputError:
+            quiet_stdout()
+            raise
+        signals.exit_if_received(out.quiet)
+
+
+def remote_saved(run, name: str, out: Output) -> dict:
+    """What the server said about the session, warned about as a local save is."""
+    saved = run.saved
+    if saved.get("conflict"):
+        warn(f"warning: session '{name}' was saved by another run after this one read it, so it is kept; this memory is saved as '{saved.get('session')}'")
+    elif saved.get("save_error"):
+        warn(f"warning: the memory was not saved: {saved['save_error']}")
+    return saved
+
+
+def write_events(events, writer, out: Output, about: dict, shape, saved, lm=None) -> None:
+    """A run's events to the writer, as they come: the seed noted in `about`, a
+    prompt that did not fit said, and at the end what `saved()` reports about the
+    session, then the stats line (a local run or one on a server writes the same)."""
+    from wmgen.events import Finished, Started
+    from wmgen.render import stats_line
+
+    for event in events:
+        if isinstance(event, Started):
+            about["settings"]["sampling"]["seed"] = event.seed  # said, so a run can be repeated
+            if event.unread:
+                notice(f"the prompt has {event.prompt_tokens} tokens; memory holds {shape.capacity}: "
+                       f"{event.unread} tokens before the last {shape.capacity - shape.keep} were not read", out.quiet)
+        if isinstance(event, Finished):
+            writer.write(event, **saved())
+            if out.format == "text" and writer.wrote_any and sys.stdout.isatty():
+                print()  # leave the shell prompt on a line of its own
+            if out.stats:
+                warn_line(stats_line(event))
+                if lm is not None:
+                    report_kernels(lm)
+        else:
+            writer.write(event)
 
 
 def report_kernels(lm) -> None:

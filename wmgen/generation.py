@@ -8,9 +8,11 @@ import secrets
 from collections.abc import Callable, Iterator, Sequence
 from time import perf_counter
 
+from torch import Tensor
+
 from wmgen.events import Event, Evicted, Finished, Generation, Started, Token
 from wmgen.memory import GENERATED, PROMPT, MemoryBatch, WorkingMemory
-from wmgen.sampling import choose, logprob, new_generator
+from wmgen.sampling import choose, logprob, new_generator, top_logprobs
 from wmgen.settings import RunSettings, Sampling
 from wmgen.tokens import TextStream, Tokenizer
 
@@ -53,22 +55,33 @@ class StopText:
 
 
 class Row:
-    """One prompt's run: its memory, sampler, text stream, stop text and outcome."""
+    """One prompt's run: its memory, sampler, text stream, stop text and outcome.
+    `run` and `sampling` are its own, so rows of one loop may differ in both."""
 
-    def __init__(self, index: int, memory: WorkingMemory, prompt_ids: Sequence[int], seed: int, tokenizer: Tokenizer, run: RunSettings):
+    def __init__(self, index: int, memory: WorkingMemory, prompt_ids: Sequence[int], seed: int, tokenizer: Tokenizer,
+                 run: RunSettings, sampling: Sampling, *, origin: str = PROMPT, t0: float | None = None):
         self.index, self.memory, self.prompt_ids, self.seed = index, memory, prompt_ids, seed
+        self.run, self.sampling, self.origin = run, sampling, origin
         self.generator = new_generator(seed, memory.model.device)
         self.stream, self.stop = TextStream(tokenizer), StopText(run.stop)
         self.reason: str | None = None
         self.generated = 0
+        self.t0 = perf_counter() if t0 is None else t0
+        self.prefill_s = 0.0
         self.first_token_s = 0.0
+        self.logits: Tensor | None = None  # for the next token
+        self.alternatives = 0  # how many of the likeliest tokens to note at each step (`top`)
+        self.top: list[tuple[int, float]] = []  # the likeliest tokens and their logprobs, for the last token
+        self.cancelled = False  # set from anywhere: the row stops at the next step ("interrupted")
+        self.score_prompt = False  # keep the logits after every prompt token (`prompt_logits`); the prompt must fit
+        self.prompt_logits: Tensor | None = None
 
-    def finish(self, t0: float, prefill_s: float) -> Finished:
+    def finish(self) -> Finished:
         tail = "" if self.reason == "stop" else finish_text(self.stream, self.stop)
         m, c = self.memory, self.memory.counters
         return Finished(
             reason=self.reason or "length", text=tail, prompt_tokens=len(self.prompt_ids), generated=self.generated,
-            prefill_s=prefill_s, first_token_s=self.first_token_s, elapsed_s=perf_counter() - t0,
+            prefill_s=self.prefill_s, first_token_s=self.first_token_s, elapsed_s=perf_counter() - self.t0,
             evictions=c.evictions, evicted=c.evicted, recomputed=c.recomputed, fill=m.fill, capacity=m.capacity,
             row=self.index,
         )
@@ -90,7 +103,7 @@ def generate(
     seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
 
     def step(tokens, logprobs, compute):
-        return [memory.append(tokens[0], origin=GENERATED, logprob=logprobs[0], compute=compute)]
+        return [memory.append(tokens[0], origin=GENERATED, logprob=logprobs[0], compute=compute[0])]
 
     return run_rows([memory], [prompt_ids], [seed], step, tokenizer, run, sampling, eos_id=eos_id, origin=origin, should_stop=should_stop)
 
@@ -110,13 +123,9 @@ def generate_batch(
     every row, each marked with its `row`. Row r samples with its own generator
     seeded `seeds[r]`, so each row gives what `generate` gives for that prompt and
     seed alone. Steps where several rows take a plain step read the weights once."""
-    rows = batch.rows[: len(prompts)]
-    spare = [None] * (len(batch.rows) - len(rows))
-
-    def step(tokens, logprobs, compute):
-        return batch.append([*tokens, *spare], [*logprobs, *spare], compute=compute)
-
-    return run_rows(rows, prompts, seeds, step, tokenizer, run, sampling, eos_id=eos_id, origin=PROMPT, should_stop=should_stop)
+    memories = [m for m in batch.rows[: len(prompts)] if m is not None]
+    return run_rows(memories, prompts, seeds, batch.append, tokenizer, run, sampling, eos_id=eos_id, origin=PROMPT,
+                    should_stop=should_stop, places=len(batch.rows))
 
 
 def run_rows(
@@ -131,55 +140,111 @@ def run_rows(
     eos_id: int | None,
     origin: str,
     should_stop: Callable[[], bool],
+    places: int | None = None,
 ) -> Iterator[Event]:
-    """The loop itself. `step(tokens, logprobs, compute)` reads `tokens[r]` into
-    row r (None: the row has finished) and gives each row's next logits."""
+    """Rows that start together and run to their ends: a `Loop` all of them join
+    at once. `step` as `Loop` takes it."""
     t0 = perf_counter()
-    rows = [Row(r, m, ids, seed, tokenizer, run) for r, (m, ids, seed) in enumerate(zip(memories, prompts, seeds))]
-    logits = []
+    loop = Loop(step, places or len(memories), tokenizer.eos_id if eos_id is None else eos_id)
+    rows = [Row(r, m, ids, seed, tokenizer, run, sampling, origin=origin, t0=t0)
+            for r, (m, ids, seed) in enumerate(zip(memories, prompts, seeds))]
     for row in rows:
-        row_logits, unread = row.memory.read(row.prompt_ids, origin=origin)
-        logits.append(row_logits)
-        yield Started(prompt_tokens=len(row.prompt_ids), unread=unread, fill=row.memory.fill, seed=row.seed, row=row.index)
+        yield loop.join(row)
     prefill_s = perf_counter() - t0
-    eos = eos_id if eos_id is not None else tokenizer.eos_id
-    for index in range(run.max_new_tokens):
+    for row in rows:
+        row.prefill_s = prefill_s  # the rows were read together
+    while loop.rows:
         if should_stop():
-            for row in rows:
-                row.reason = row.reason or "interrupted"
+            yield from loop.stop()
             break
-        tokens: list[int | None] = [None] * len(rows)
-        lps: list[float | None] = [None] * len(rows)
-        for row in rows:
+        yield from loop.step()
+
+
+class Loop:
+    """Rows that step together, and join and leave between steps (continuous
+    batching): each step samples a token for every row, reads them all with one
+    `step(tokens, logprobs, compute)` call, and gives every row's events; a row
+    leaves with its `Finished` as soon as it ends.
+
+    `step` takes lists with one place per row index (None where a row has no token
+    this step; `compute[r]`: whether row r's next logits are wanted) and gives the
+    next logits, indexable by row index."""
+
+    def __init__(self, step: Callable, places: int, eos_id: int | None):
+        self._step, self.places, self.eos = step, places, eos_id
+        self.rows: list[Row] = []
+
+    def join(self, row: Row) -> Started:
+        """Read the row's prompt into its memory (alone: prompts differ in length),
+        and take it into the steps that follow."""
+        if row.score_prompt:  # the same pass, keeping every position's logits
+            row.prompt_logits = row.memory.feed(row.prompt_ids, origin=row.origin, all_logits=True)
+            row.logits, unread = row.prompt_logits[-1], 0
+        else:
+            row.logits, unread = row.memory.read(row.prompt_ids, origin=row.origin)
+        row.prefill_s = perf_counter() - row.t0
+        self.rows.append(row)
+        return Started(prompt_tokens=len(row.prompt_ids), unread=unread, fill=row.memory.fill, seed=row.seed, row=row.index)
+
+    def stop(self) -> list[Event]:
+        """End every row now ("interrupted"); their `Finished` events."""
+        for row in self.rows:
+            row.reason = row.reason or "interrupted"
+        return self._leave()
+
+    def step(self) -> list[Event]:
+        """One token for every row still running; the events of the step, with a
+        `Finished` for each row that ended in it."""
+        tokens: list[int | None] = [None] * self.places
+        lps: list[float | None] = [None] * self.places
+        compute = [False] * self.places
+        for row in self.rows:
+            if row.reason is None and row.cancelled:
+                row.reason = "interrupted"
+            if row.reason is None and row.generated >= row.run.max_new_tokens:
+                row.reason = "length"
             if row.reason is not None:
                 continue
-            history = row.memory.tokens if sampling.repetition_penalty != 1 else ()  # only the penalty reads it
-            token = choose(logits[row.index], sampling, row.generator, history)
-            if token == eos and not run.ignore_eos:
+            logits = row.logits
+            history = row.memory.tokens if row.sampling.repetition_penalty != 1 else ()  # only the penalty reads it
+            token = choose(logits, row.sampling, row.generator, history)
+            if token == self.eos and not row.run.ignore_eos:
                 row.reason = "eos"
                 continue
-            if index == 0:
-                row.first_token_s = perf_counter() - t0
-            tokens[row.index], lps[row.index] = token, logprob(logits[row.index], token)
-        if all(t is None for t in tokens):
-            break
-        before = [(row.memory.counters.evicted, row.memory.counters.recomputed) for row in rows]
-        logits = step(tokens, lps, index < run.max_new_tokens - 1)  # the last token's logits are never read
-        for row, token in zip(rows, tokens):
-            if token is None:
-                continue
-            c = row.memory.counters
-            evicted = c.evicted - before[row.index][0]
-            if evicted:
-                yield Evicted(evicted=evicted, recomputed=c.recomputed - before[row.index][1], fill=row.memory.fill,
-                              row=row.index, positions=row.memory.last_evicted)
-            row.generated += 1
-            piece, stopped = row.stop.push(row.stream.push(token))
-            yield Token(index=index, id=token, text=piece, logprob=lps[row.index], fill=row.memory.fill, evicted=evicted, row=row.index)
-            if stopped:
-                row.reason = "stop"
-    for row in rows:
-        yield row.finish(t0, prefill_s)
+            if row.generated == 0:
+                row.first_token_s = perf_counter() - row.t0
+            if row.alternatives:
+                row.top = top_logprobs(logits, row.alternatives)
+            tokens[row.index], lps[row.index] = token, logprob(logits, token)
+            compute[row.index] = row.generated < row.run.max_new_tokens - 1  # the last token's logits are never read
+        events: list[Event] = []
+        if any(t is not None for t in tokens):
+            before = {row.index: (row.memory.counters.evicted, row.memory.counters.recomputed) for row in self.rows}
+            logits = self._step(tokens, lps, compute)
+            for row in self.rows:
+                token = tokens[row.index]
+                if token is None:
+                    continue
+                row.logits = logits[row.index]
+                c = row.memory.counters
+                evicted = c.evicted - before[row.index][0]
+                if evicted:
+                    events.append(Evicted(evicted=evicted, recomputed=c.recomputed - before[row.index][1], fill=row.memory.fill,
+                                          row=row.index, positions=row.memory.last_evicted))
+                piece, stopped = row.stop.push(row.stream.push(token))
+                events.append(Token(index=row.generated, id=token, text=piece, logprob=lps[row.index], fill=row.memory.fill,
+                                    evicted=evicted, row=row.index))
+                row.generated += 1
+                if stopped:
+                    row.reason = "stop"
+                elif row.generated >= row.run.max_new_tokens:
+                    row.reason = "length"
+        return events + self._leave()
+
+    def _leave(self) -> list[Event]:
+        done = [row for row in self.rows if row.reason is not None]
+        self.rows = [row for row in self.rows if row.reason is None]
+        return [row.finish() for row in done]
 
 
 def finish_text(stream: TextStream, stop: StopText) -> str:

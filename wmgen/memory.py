@@ -310,11 +310,12 @@ class WorkingMemory:
             self.counters = replace(checkpoint.counters)
             self.sampling, self.last_evicted = checkpoint.sampling, checkpoint.last_evicted
 
-    def fork(self) -> WorkingMemory:
-        """A copy with its own keys and values (copied, so nothing is recomputed)."""
+    def fork(self, *, store: KVStore | None = None) -> WorkingMemory:
+        """A copy with its own keys and values (copied, so nothing is recomputed), in
+        `store` when given (of at least `capacity` slots)."""
         with self.claimed():
             twin = WorkingMemory(self.model, self.capacity, self.keep, self.evict, policy=self.shape.policy,
-                                 recent=self.recent, tokenizer=self.tokenizer, model_id=self.model_id)
+                                 recent=self.recent, store=store, tokenizer=self.tokenizer, model_id=self.model_id)
             twin.pin_prompt, twin._asked = self.pin_prompt, self._asked
             twin.store.copy_from(self.store, self.stale)
             twin.slots, twin.stale = [replace(s) for s in self.slots], self.stale
@@ -433,32 +434,61 @@ class MemoryBatch:
     for all of them is one batched forward pass (the weights are read once for all
     rows). Each row is a full `WorkingMemory`: prompts, evictions and recomputes run
     row by row; only the plain incremental steps are batched. The store has one slot
-    beyond `capacity`, where rows that sit a batched step out write harmlessly."""
+    beyond `capacity`, where rows that sit a batched step out write harmlessly.
+
+    Rows may come and go: `place(r, memory)` seats a copy of any memory of this
+    model (of up to `capacity` tokens, in any shape) in row r, and `free(r)` empties
+    it, so a server can batch the memories of whatever requests are running."""
 
     def __init__(self, model: GPT2, rows: int, capacity: int, keep: int | str | Sequence[int | str] = 0,
-                 evict: int | None | Sequence[int | None] = None, **about):
+                 evict: int | None | Sequence[int | None] = None, *, empty: bool = False, **about):
         self.model = model
+        self.capacity = capacity
         self.store = model.new_store(capacity + 1, batch=rows)
         keeps = [keep] * rows if isinstance(keep, (int, str)) else list(keep)
         evicts = [evict] * rows if evict is None or isinstance(evict, int) else list(evict)
-        self.rows = [WorkingMemory(model, capacity, keeps[r], evicts[r], store=self.store.row(r), **about) for r in range(rows)]
+        self.rows: list[WorkingMemory | None] = [
+            None if empty else WorkingMemory(model, capacity, keeps[r], evicts[r], store=self.store.row(r), **about) for r in range(rows)
+        ]
 
-    def append(self, tokens: Sequence[int | None], logprobs: Sequence[float | None], *, compute: bool = True) -> Tensor:
+    def place(self, r: int, memory: WorkingMemory | None = None, **shape) -> WorkingMemory:
+        """Seat a memory in row r: a copy of `memory` (its keys and values copied,
+        nothing recomputed), or with `shape` (`capacity`, `keep`, `evict`, `policy`,
+        `recent`, `tokenizer`, `model_id`) a new empty one. Returns the row's memory."""
+        if self.rows[r] is not None:
+            raise UsageError(f"row {r} of the batch is taken")
+        store = self.store.row(r)
+        if memory is None:
+            placed = WorkingMemory(self.model, shape.pop("capacity"), shape.pop("keep", 0), shape.pop("evict", None), store=store, **shape)
+        else:
+            if memory.capacity > self.capacity:
+                raise UsageError(f"a memory of capacity {memory.capacity} does not fit a batch of capacity {self.capacity}")
+            placed = memory.fork(store=store)
+        self.rows[r] = placed
+        return placed
+
+    def free(self, r: int) -> None:
+        """Empty row r (its store is written over by the next memory placed there)."""
+        self.rows[r] = None
+
+    def append(self, tokens: Sequence[int | None], logprobs: Sequence[float | None], compute: bool | Sequence[bool] = True) -> Tensor:
         """Read `tokens[r]` into row r (None: row r sits out). The logits `[rows, V]`
-        for each row's next token (rows that sat out get zeros)."""
+        for each row's next token (rows that sat out, or whose `compute[r]` is
+        false, get zeros)."""
         out = torch.zeros(len(self.rows), self.model.config.vocab_size)
+        wanted = [compute] * len(self.rows) if isinstance(compute, bool) else list(compute)
         plain = [
             r for r, (m, t) in enumerate(zip(self.rows, tokens))
-            if t is not None and compute and m.fill < m.capacity and m.stale == m.fill
+            if t is not None and m is not None and wanted[r] and m.fill < m.capacity and m.stale == m.fill
         ]
         batched = plain if len(plain) > 1 else []
         for r, (memory, token, lp) in enumerate(zip(self.rows, tokens, logprobs)):
-            if token is None:
+            if token is None or memory is None:
                 continue
             if r in batched:
                 memory.feed([token], origin=GENERATED, logprobs=[lp], compute=False)
             else:  # alone: an eviction and recompute, no compute at all, or a batch of one
-                logits = memory.append(token, logprob=lp, compute=compute)
+                logits = memory.append(token, logprob=lp, compute=wanted[r])
                 if logits is not None:
                     out[r] = logits
         if batched:
@@ -467,22 +497,22 @@ class MemoryBatch:
 
     @torch.inference_mode()
     def _step(self, batched: list[int], tokens) -> Tensor:
-        spare = self.rows[0].capacity  # the slot past capacity
+        spare = self.capacity  # the slot past capacity
         slots = [spare] * len(self.rows)
-        for r in batched:
-            slots[r] = self.rows[r].fill - 1
+        rows = {r: self.rows[r] for r in batched}
+        for r, row in rows.items():
+            slots[r] = row.fill - 1
         positions = [s if s != spare else 0 for s in slots]
         ids = [t if t is not None and r in batched else 0 for r, t in enumerate(tokens)]
         device = self.model.device
         width = max(slots[r] for r in batched) + 1
-        scoring = any(self.rows[r].policy.scores for r in batched)
+        scoring = any(row.policy.scores for row in rows.values())
         received = torch.zeros(len(self.rows), width, device=device) if scoring else None
         hidden = self.model.decode_rows(
             torch.tensor(ids, device=device), torch.tensor(slots, device=device),
             torch.tensor(positions, device=device), self.store, width=width, received=received,
         )
-        for r in batched:
-            row = self.rows[r]
+        for r, row in rows.items():
             row.mark_computed()
             if received is not None and row.policy.scores:
                 row.credit(received[r, : row.fill], [row.fill - 1])

@@ -156,3 +156,10 @@ def new_generator(seed: int, device) -> torch.Generator:
 def logprob(logits: Tensor, token: int) -> float:
     """The model's own log-probability of `token` (before any sampling filter)."""
     return float(logits[token] - torch.logsumexp(logits, -1))
+
+
+def top_logprobs(logits: Tensor, n: int) -> list[tuple[int, float]]:
+    """The `n` likeliest tokens and the model's own log-probabilities of them."""
+    logprobs = logits.float().log_softmax(-1)
+    values, ids = torch.topk(logprobs, min(n, logprobs.shape[-1]))
+    return list(zip(ids.tolist(), values.tolist()))

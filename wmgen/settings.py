@@ -30,7 +30,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 
 # `WMGEN_*` variables that are not settings (KERNELS forces the kernels a model
 # runs through; see wmgen.kernels).
-OTHER_VARIABLES = ("WMGEN_HOME", "WMGEN_DEBUG", "WMGEN_KERNELS")
+OTHER_VARIABLES = ("WMGEN_HOME", "WMGEN_DEBUG", "WMGEN_KERNELS", "WMGEN_SERVER", "WMGEN_API_KEY")
 POLICIES = ("oldest", "boundary", "attention")  # wmgen.policies.POLICIES, without importing it
 
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few lines; anything this big is a mistake
