@@ -410,7 +410,7 @@ def test_kill_9_never_leaves_a_half_written_session(tiny_dir, tmp_path):
         server = Served(tiny_dir, home)
         stop = threading.Event()
 
-        def hammer():
+        def hammer(server=server, stop=stop):
             while not stop.is_set():
                 try:
                     httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 3, "session": "hot"}, timeout=5)

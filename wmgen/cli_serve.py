@@ -10,11 +10,14 @@ import os
 import signal
 import socket
 from contextlib import contextmanager
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from wmgen import options
+
+if TYPE_CHECKING:
+    from wmgen.engine import Engine
 from wmgen.errors import UsageError
 
 SERVE_EXTRA = "wmgen serve needs the server's packages: pip install 'wmgen[serve]' (uvicorn, starlette, sse-starlette, prometheus-client)"
@@ -123,7 +126,7 @@ def loopback(host: str) -> bool:
         return False
 
 
-def stopping_server(config, engine):
+def stopping_server(config, engine: Engine):
     """uvicorn's server, whose first Ctrl-C or SIGTERM also tells the engine to
     stop its rows (so streaming requests end now, not when their text does), and
     which leaves the exit status to the command (130, 143) instead of re-raising

@@ -124,8 +124,8 @@ class RemoteRun:
             break
         if self._first is None or self._first.get("type") != "start":
             raise WmgenError(f"the server at {url} ended the run before it began")
-        start = self._first
-        self.about = {"model": start.get("model"), "settings": start.get("settings") or {}}
+        start: dict = self._first
+        self.about: dict = {"model": start.get("model"), "settings": start.get("settings") or {}}
         memory = self.about["settings"].get("memory") or {}
         self.shape = SimpleNamespace(capacity=memory.get("capacity", 0), keep=memory.get("keep", 0))
         self._stopping = False
@@ -137,11 +137,11 @@ class RemoteRun:
 
     def events(self) -> Iterator:
         kinds = {"start": Started, "token": Token, "eviction": Evicted, "end": Finished}
-        pending = [self._first] if self._first is not None else []
+        pending: list[dict] = [self._first] if self._first is not None else []
         try:
             for record in self._all(pending):
                 self._check(record)
-                kind = kinds.get(record.get("type"))
+                kind = kinds.get(str(record.get("type")))
                 if kind is None:
                     continue
                 if kind is Finished:

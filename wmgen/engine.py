@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from wmgen import session as sessions
 from wmgen.errors import SessionError, UsageError, WmgenError
-from wmgen.events import Event, Finished, Started
+from wmgen.events import Event, Finished
 
 if TYPE_CHECKING:
     from wmgen.api import Model
@@ -315,10 +315,11 @@ class Engine:
         """Row r's memory: a new one of the asked shape, or a copy of the session's."""
         shape = {k: v for k, v in ask.shape.items() if v is not None}
         if ask.memory != "new":
+            assert ask.session is not None
             held = self._session(ask.session, shape, required=ask.memory == "continue")
             if held is not None:
                 placed = self.batch.place(r, held)
-                placed.loaded_from = getattr(held, "loaded_from", None)
+                placed.loaded_from = held.loaded_from
                 return placed
         s = self.lm.shape(**shape, prompt_tokens=len(ask.ids))
         return self.batch.place(r, capacity=s.capacity, keep=s.keep, evict=s.evict, policy=s.policy, recent=s.recent,
@@ -340,7 +341,7 @@ class Engine:
             return None
         mark = sessions.fingerprint(record)
         held = self.held.get(name)
-        if held is not None and getattr(held, "loaded_from", (None, None))[1] == mark and not shape:
+        if held is not None and held.loaded_from is not None and held.loaded_from[1] == mark and not shape:
             self.held.move_to_end(name)
             return held
         memory = self.lm.restore(record, source=f"session '{name}'", **shape)

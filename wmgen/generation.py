@@ -178,8 +178,9 @@ class Loop:
         """Read the row's prompt into its memory (alone: prompts differ in length),
         and take it into the steps that follow."""
         if row.score_prompt:  # the same pass, keeping every position's logits
-            row.prompt_logits = row.memory.feed(row.prompt_ids, origin=row.origin, all_logits=True)
-            row.logits, unread = row.prompt_logits[-1], 0
+            scored = row.memory.feed(row.prompt_ids, origin=row.origin, all_logits=True)
+            assert scored is not None
+            row.prompt_logits, row.logits, unread = scored, scored[-1], 0
         else:
             row.logits, unread = row.memory.read(row.prompt_ids, origin=row.origin)
         row.prefill_s = perf_counter() - row.t0
@@ -206,6 +207,7 @@ class Loop:
             if row.reason is not None:
                 continue
             logits = row.logits
+            assert logits is not None  # every row has read its prompt
             history = row.memory.tokens if row.sampling.repetition_penalty != 1 else ()  # only the penalty reads it
             token = choose(logits, row.sampling, row.generator, history)
             if token == self.eos and not row.run.ignore_eos:
@@ -220,19 +222,19 @@ class Loop:
         events: list[Event] = []
         if any(t is not None for t in tokens):
             before = {row.index: (row.memory.counters.evicted, row.memory.counters.recomputed) for row in self.rows}
-            logits = self._step(tokens, lps, compute)
+            next_logits = self._step(tokens, lps, compute)
             for row in self.rows:
-                token = tokens[row.index]
-                if token is None:
+                chosen, lp = tokens[row.index], lps[row.index]
+                if chosen is None or lp is None:
                     continue
-                row.logits = logits[row.index]
+                row.logits = next_logits[row.index]
                 c = row.memory.counters
                 evicted = c.evicted - before[row.index][0]
                 if evicted:
                     events.append(Evicted(evicted=evicted, recomputed=c.recomputed - before[row.index][1], fill=row.memory.fill,
                                           row=row.index, positions=row.memory.last_evicted))
-                piece, stopped = row.stop.push(row.stream.push(token))
-                events.append(Token(index=row.generated, id=token, text=piece, logprob=lps[row.index], fill=row.memory.fill,
+                piece, stopped = row.stop.push(row.stream.push(chosen))
+                events.append(Token(index=row.generated, id=chosen, text=piece, logprob=lp, fill=row.memory.fill,
                                     evicted=evicted, row=row.index))
                 row.generated += 1
                 if stopped:

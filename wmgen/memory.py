@@ -79,6 +79,7 @@ class WorkingMemory:
         self.last_evicted: tuple[int, ...] = ()  # the positions the latest eviction dropped
         self._guard = threading.Lock()
         self._user: int | None = None  # the thread using the memory now
+        self.loaded_from: tuple | None = None  # (session file, its fingerprint) as read or saved: see `session.store`
 
     def _reshape(self, s: Shape) -> None:
         self.shape = s
@@ -499,7 +500,7 @@ class MemoryBatch:
     def _step(self, batched: list[int], tokens) -> Tensor:
         spare = self.capacity  # the slot past capacity
         slots = [spare] * len(self.rows)
-        rows = {r: self.rows[r] for r in batched}
+        rows = {r: row for r in batched if (row := self.rows[r]) is not None}
         for r, row in rows.items():
             slots[r] = row.fill - 1
         positions = [s if s != spare else 0 for s in slots]

@@ -309,7 +309,7 @@ class Server:
 
     # --- running a job -------------------------------------------------------------------
 
-    async def run_job(self, asks: list[Ask]) -> AsyncIterator[tuple[str, int | None, Any]]:
+    async def run_job(self, asks: list[Ask]) -> AsyncIterator[tuple[str, Any, Any]]:
         """Submit the rows as one job; its deliveries as they come. Leaving early (the
         client went away) takes the job out of the engine."""
         loop = asyncio.get_running_loop()
@@ -535,7 +535,7 @@ class Server:
             ask = Ask(prompt_ids, settings, seed, shape, memory="continue" if continuing else "new", session=name, save=save)
         except Invalid as e:
             return error_response(e)
-        about = {"model": self.lm.name, "settings": as_dict(settings)}
+        about: dict[str, Any] = {"model": self.lm.name, "settings": as_dict(settings)}
         jobs = self.run_job([ask])
         try:
             first = await jobs.__anext__()  # the job
@@ -549,7 +549,7 @@ class Server:
             from wmgen.render import JsonlWriter
 
             out = _Lines()
-            writer = JsonlWriter(out, about=about)
+            writer = JsonlWriter(out, about=about)  # type: ignore[arg-type]  # a TextIO's write and flush
             job = first[2]
             yield json.dumps({"type": "request", "id": job.id}) + "\n"
             try:
@@ -696,7 +696,7 @@ class Server:
                             changed = sum((memory.pin if edit == "pin" else memory.unpin)(a, b) for a, b in found)
                             said = f"{edit}ned {changed} slot(s) ({', '.join(show_span(*s) for s in found)})"
                     snapshot = memory.snapshot()
-                    expected = memory.loaded_from[1] if getattr(memory, "loaded_from", None) else None
+                    expected = memory.loaded_from[1] if memory.loaded_from else None
                     sessions.write(state, name, snapshot, undoable=True, expected=expected)
                 except BaseException:
                     memory.rollback(checkpoint)
@@ -879,7 +879,7 @@ def chat_transcript(messages, template) -> str:
 class _Lines:
     """A text stream that keeps what is written, for `JsonlWriter`."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.parts: list[str] = []
 
     def write(self, text: str) -> int:
