@@ -23,13 +23,14 @@ def free_port() -> int:
 class Served:
     """`wmgen serve --model MODEL ARGS` on 127.0.0.1; `url`, `home`, `stderr()`."""
 
-    def __init__(self, model: Path, home: Path, *args: str, env: dict | None = None):
+    def __init__(self, model: Path, home: Path, *args: str, env: dict | None = None, threads: int | None = 1):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.home = home
         self.log = home.parent / f"serve-{self.port}.log"
         environ = {k: v for k, v in os.environ.items() if not k.startswith("WMGEN_")} | {"WMGEN_HOME": str(home)} | (env or {})
-        environ["OMP_NUM_THREADS"] = "1"
+        if threads is not None:  # the tiny test model runs fastest on one, and leaves the other core to the clients
+            environ["OMP_NUM_THREADS"] = str(threads)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "wmgen", "serve", "--model", str(model), "--port", str(self.port), *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=open(self.log, "wb"), env=environ,
