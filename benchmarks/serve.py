@@ -46,11 +46,12 @@ def first_token(url: str, prompt: str) -> float:
     t = time.perf_counter()
     body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
-        for line in r.iter_lines():
+        lines = r.iter_lines()
+        for line in lines:
             if line.startswith("data: ") and '"text"' in line:
                 elapsed = time.perf_counter() - t
                 break
-        for _ in r.iter_lines():
+        for _ in lines:
             pass
     return elapsed
 

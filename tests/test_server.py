@@ -209,6 +209,19 @@ def test_two_requests_on_one_session_at_once_run_one_after_the_other(served, cli
     assert snap["text"].count(" A") >= 1 and snap["text"].count(" B") >= 1
 
 
+def test_a_session_another_wmgen_continued_is_read_again_from_its_file(served, client, tiny_dir):
+    name = "both"
+    client.completions.create(model="tiny", prompt="First.", max_tokens=3, temperature=0, extra_body={"session": name})
+    local = subprocess.run(["wmgen", "generate", "-m", str(tiny_dir), "-c", "-s", name, "-n", "3", "-t", "0", " Local."],
+                           capture_output=True, text=True, env={"WMGEN_HOME": str(served.home), "PATH": _path()})
+    assert local.returncode == 0, local.stderr
+    after_local = httpx.get(f"{served.url}/v1/memories/{name}").json()["fill"]
+    client.completions.create(model="tiny", prompt=" Server.", max_tokens=3, temperature=0, extra_body={"session": name})
+    snap = httpx.get(f"{served.url}/v1/memories/{name}").json()
+    assert 0 <= snap["text"].find(" Local.") < snap["text"].find(" Server.")  # continued from the file's version
+    assert snap["fill"] > after_local
+
+
 def test_unknown_and_hostile_session_names(served, client):
     for name in ["../etc/passwd", "a/b", "..", "x" * 200, ".hidden"]:
         with pytest.raises(openai.BadRequestError) as e:
