@@ -360,12 +360,14 @@ class Model:
 
     def perplexity(self, text: str | Sequence[int], *, capacity: int | None = None, keep: int | None = None, evict: int | None = None,
                    policy: str | None = None, recent: int | None = None, max_tokens: int | None = None,
-                   progress: Callable[[int], None] | None = None) -> Score:
+                   progress: Callable[[int], None] | None = None, memory: WorkingMemory | None = None) -> Score:
         """Score `text` (or token ids) through a fresh working memory: every token but
         the first gets the log-probability the model gives it from what is in memory
         just before it. The `Score` has `perplexity`, `nll` (nats per token),
         `bits_per_byte`, `tokens` scored, counters and `seconds`, as `wmgen
-        perplexity` prints them. `progress(n)` is called as tokens are scored."""
+        perplexity` prints them. `progress(n)` is called as tokens are scored.
+        With `memory` (an empty one of this model's, made with `memory()`), the
+        text is scored through it instead, and it is left holding the end."""
         from wmgen.perplexity import score
 
         ids = self._ids(text, False, "text")
@@ -374,6 +376,11 @@ class Model:
         progress = callback(progress, "progress")
         if len(ids) < 2:
             raise UsageError(f"the text has {len(ids)} token(s); scoring needs at least 2")
+        if memory is not None:
+            self._own(memory)
+            if memory.fill or any(v is not None for v in (capacity, keep, evict, policy, recent)):
+                raise UsageError("perplexity scores through an empty memory with its own shape: give memory= or a shape, not both")
+            return score(memory, ids, self.tokenizer.token_bytes, progress=progress)
         given, values = self._shape_values(capacity, keep, evict, policy, recent)
         if values[1] == "prompt":
             with self._blame(given):

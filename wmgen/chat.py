@@ -112,6 +112,7 @@ class Chat:
     leftover: str = ""  # text shown but cut from memory with a stop text: read first next turn
     last: Finished | None = None
     changed: bool = False  # since the last save
+    trace: object | None = None  # the ledger (--trace), following whichever memory the chat holds
 
     def notice(self, message: str) -> None:
         if not self.quiet:
@@ -165,6 +166,7 @@ def loop(chat: Chat, read_line: Callable[[], str]) -> int:
                     return leave(chat, 0)
             else:
                 turn(chat, line[1:] if line.startswith("//") else line)
+            follow(chat)
             after_turn(chat)
         except OutputError:
             raise
@@ -180,6 +182,16 @@ def loop(chat: Chat, read_line: Callable[[], str]) -> int:
             sys.stderr.write("\n")
         except Leave as e:
             return leave(chat, e.code, str(e))
+
+
+def follow(chat: Chat) -> None:
+    """The ledger goes on in the memory the chat now holds (after /load, /fork):
+    its slots are recorded as put back whole."""
+    memory = chat.memory
+    if chat.trace is not None and memory.trace is not chat.trace:
+        memory.trace = chat.trace
+        chat.trace.begin()
+        chat.trace.restore(memory.slots)
 
 
 def terminated(signum, frame) -> None:

@@ -9,7 +9,7 @@ import io
 import os
 import stat
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Annotated, Optional
 
@@ -334,6 +334,7 @@ def generate(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows run together at most (--each-line, --num-samples).", min=1)] = 8,
     separator: Annotated[str, typer.Option("--separator", help="With --format text and several results: the line printed after each.")] = "---",
     no_color: options.NoColor = False,
+    trace: options.TracePath = None,
     server: Annotated[Optional[str], typer.Option("--server", envvar="WMGEN_SERVER", help="Run on this wmgen serve (a URL) instead of loading the model here; sessions are the server's. (also WMGEN_SERVER)", show_default=False)] = None,
 ) -> None:
     """Stream a continuation of the prompt to stdout.
@@ -359,6 +360,10 @@ def generate(
         raise UsageError("--continue goes with a single prompt, not --each-line or --num-samples")
     if continue_ and keep == "prompt":
         raise UsageError("--keep prompt pins a new memory's prompt; with -c the memory keeps its pinned head (give a count to change it)")
+    if trace and (each_line or num_samples > 1):
+        raise UsageError("--trace follows one memory; --each-line and --num-samples run many (trace one prompt at a time)")
+    if trace and server:
+        raise UsageError("--trace writes the ledger of a memory run here; with --server the memory is the server's")
     if server:
         if each_line or num_samples > 1:
             raise UsageError("--server runs one prompt at a time; --each-line and --num-samples run here (leave out --server)")
@@ -393,10 +398,11 @@ def generate(
         sessions.remember(memory, state, name, mark)
         if lost := previous["fill"] - memory.fill:
             notice(f"the session held {previous['fill']} tokens; capacity {memory.capacity} keeps {memory.fill} ({lost} dropped)", out.quiet)
-    run_generate(lm, text, out, memory=memory, save_to=None if no_save else (state, name), from_scratch=from_scratch)
+    run_generate(lm, text, out, memory=memory, save_to=None if no_save else (state, name), from_scratch=from_scratch, trace=trace)
 
 
 FORMATS = ("text", "jsonl", "json")
+TRACE_CAP = 100_000  # events of a perplexity ledger: a long text's scoring would write one per chunk and eviction
 app.command()(chat)  # wmgen chat: its options and state in wmgen.cli_chat, its loop in wmgen.chat
 app.command()(serve)  # wmgen serve: its options in wmgen.cli_serve, its routes in wmgen.server, its batching in wmgen.engine
 
@@ -463,7 +469,7 @@ def make_writer(out: Output, text: str, about: dict):
     return TextWriter(sys.stdout, echo_text=text if out.echo else None)
 
 
-def run_generate(lm, text: str, out: Output, *, memory, save_to, from_scratch: bool) -> None:
+def run_generate(lm, text: str, out: Output, *, memory, save_to, from_scratch: bool, trace: str | None = None) -> None:
     """One prompt: stream its events to the writer, save the memory, report."""
     from wmgen.errors import OutputError
     from wmgen.render import PipeClosed
@@ -478,7 +484,8 @@ def run_generate(lm, text: str, out: Output, *, memory, save_to, from_scratch: b
     if memory is None:
         memory = lm.memory(**lm.shape(prompt_tokens=len(ids))._asdict())
     about["settings"]["memory"] = memory.shape._asdict()  # the memory's own: a continued one keeps its shape
-    with Signals() as signals:
+    ledger = open_trace(trace, memory) if trace else None
+    with Signals() as signals, ledger or nullcontext():
         events = lm.events(ids, memory=memory, should_stop=signals.stop_requested)
         try:
             write_events(events, writer, out, about, memory.shape, lambda: save_memory(save_to, memory), lm)
@@ -493,6 +500,23 @@ def run_generate(lm, text: str, out: Output, *, memory, save_to, from_scratch: b
             save_memory(save_to, memory)
             raise
         signals.exit_if_received(out.quiet)
+
+
+def open_trace(path: str, memory, *, cap: int | None = None):
+    """The memory's ledger, written to `path` from now on (`wmgen.trace`)."""
+    from wmgen.trace import Trace
+
+    if path == "-":
+        raise UsageError("--trace needs a file (stdout is the generated text)")
+    try:
+        out = open(path, "w", encoding="utf-8")
+    except IsADirectoryError:
+        raise UsageError(f"--trace {path} is a folder; give a file") from None
+    except OSError as e:
+        raise UsageError(f"--trace {path}: cannot write it ({e.strerror})") from None
+    ledger = Trace(out, memory, cap=cap)
+    memory.trace = ledger
+    return ledger
 
 
 def run_on_server(url: str, flags: dict, text: str, out: Output, *, name: str, continue_: bool, save: bool, from_scratch: bool) -> None:
@@ -761,6 +785,38 @@ def inspect_memory(
 app.add_typer(memory_app)  # wmgen memory forget|pin|unpin|insert|fork|undo|diff, in wmgen.cli_memory
 
 
+@app.command("timeline")
+def timeline_command(
+    trace: Annotated[str, typer.Argument(help="A trace written by --trace FILE.", show_default=False)],
+    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Draw it to this .png or .svg (needs matplotlib) instead of the terminal.", show_default=False)] = None,
+    no_color: options.NoColor = False,
+) -> None:
+    """Draw what the memory held over time, from a --trace ledger.
+
+    x is the step, y the tokens in the order they were read; a cell wherever a
+    token was in memory. Colour: the attention it received (policy attention),
+    else its origin. Evictions and pinned rows are marked.
+    """
+    from wmgen import trace as ledger
+    from wmgen.timeline import check_path, draw, show
+
+    if output is not None:
+        check_path(output)
+    view = ledger.timeline(ledger.load(trace))
+    if not view["rows"]:
+        raise UsageError(f"{trace} holds no tokens yet (the run it traces read nothing)")
+    if output is None:
+        console, plain = console_for(no_color)
+        show(view, console, plain=plain)
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("drawing a picture needs matplotlib: pip install 'wmgen[plot]' (or leave out -o for the terminal view)") from None
+    width, height = draw(view, output)
+    notice(f"wrote {output} ({width}×{height} px: {len(view['rows'])} tokens, {view['steps'] + 1} steps, {len(view['evictions'])} evictions)")
+
+
 @app.command("sessions")
 def list_sessions(
     delete: Annotated[Optional[list[str]], typer.Option("--delete", help="Delete this session. Repeatable.", show_default=False)] = None,
@@ -866,6 +922,7 @@ def perplexity(
     dtype: options.Dtype = None,
     config: Annotated[Optional[str], typer.Option("--config", help="A preset name or .toml file.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No notices or progress on stderr.")] = False,
+    trace: Annotated[Optional[str], typer.Option("--trace", help=f"Write the memory's ledger to this file (at most {TRACE_CAP:,} events; not with --sweep).", show_default=False)] = None,
 ) -> None:
     """Score a text through working memory: perplexity, bits per byte, speed.
 
@@ -878,6 +935,8 @@ def perplexity(
         raise UsageError("--plot draws a --sweep; add --sweep capacity=...,... evict=...,...")
     if plot:
         check_plot_path(plot)
+    if trace and sweep:
+        raise UsageError("--trace follows one memory; --sweep scores many (trace one shape at a time)")
     grid = parse_sweep([*(sweep or []), *(sweep_rest or [])]) if sweep else None
     flags = dict(capacity=capacity, keep=keep, evict=evict, policy=policy, recent=recent, model=model, device=device, dtype=dtype)
     settings = build_settings(flags, config, quiet)
@@ -902,7 +961,12 @@ def perplexity(
     results = []
     with progress_bar(len(ids) - 1, len(shapes), quiet) as advance:
         for shape in shapes:
-            results.append(lm.perplexity(ids, **shape._asdict(), progress=advance))
+            if trace:
+                memory = lm.memory(**shape._asdict())
+                with open_trace(trace, memory, cap=TRACE_CAP):
+                    results.append(lm.perplexity(ids, memory=memory, progress=advance))
+            else:
+                results.append(lm.perplexity(ids, **shape._asdict(), progress=advance))
     if looks_untrained(results[0].perplexity, lm.info.vocab_size):
         notice(f"warning: perplexity {results[0].perplexity:.0f} is about the vocabulary size ({lm.info.vocab_size}): "
                "this model looks untrained, so these numbers say nothing about quality", quiet)

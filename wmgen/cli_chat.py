@@ -41,6 +41,7 @@ def chat(
     no_save: options.NoSave = False,
     quiet: options.Quiet = False,
     no_color: options.NoColor = False,
+    trace: options.TracePath = None,
 ) -> None:
     """Talk to the model through one live working memory, loaded once.
 
@@ -85,10 +86,11 @@ def chat(
             cli.notice(f"the session held {previous['fill']} tokens; capacity {memory.capacity} keeps {memory.fill} ({lost} dropped)", quiet)
         memory.logits()  # read now: every turn then costs only its own tokens
     console, plain = cli.console_for(no_color)
+    ledger = cli.open_trace(trace, memory) if trace else None
     state_of_chat = repl.Chat(
         lm=lm, memory=memory, session=name, state=state, save=lambda m, n, report=True: cli.save_memory((state, n), m, report=report),
         warn=cli.warn, signals=cli.Signals, console=console, plain=plain, interactive=sys.stdin is not None and sys.stdin.isatty(),
-        autosave=not no_save, quiet=quiet, template=transcript,
+        autosave=not no_save, quiet=quiet, template=transcript, trace=ledger,
     )
     try:
         code = repl.run_chat(state_of_chat)
@@ -98,5 +100,8 @@ def chat(
     except OutputError:
         cli.quiet_stdout()
         raise
+    finally:
+        if ledger is not None:
+            ledger.close()
     if code:
         raise cli.Interrupted(code)

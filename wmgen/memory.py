@@ -79,6 +79,7 @@ class WorkingMemory:
         self.last_evicted: tuple[int, ...] = ()  # the positions the latest eviction dropped
         self._guard = threading.Lock()
         self._user: int | None = None  # the thread using the memory now
+        self.trace = None  # a `wmgen.trace.Trace` writing the memory's ledger, when one is asked for
         self.loaded_from: tuple | None = None  # (session file, its fingerprint) as read or saved: see `session.store`
 
     def _reshape(self, s: Shape) -> None:
@@ -192,6 +193,7 @@ class WorkingMemory:
             out = []
             i = 0
             while i < len(ids):
+                self._begin()  # a step of the ledger: one pass
                 if self.fill == self.capacity:
                     self._evict()
                 n = min(self.capacity - self.fill, len(ids) - i)
@@ -213,6 +215,7 @@ class WorkingMemory:
         if not ids and not self.slots:
             raise ValueError("read needs at least one token")
         with self.claimed():
+            self._begin()
             self._settle(len(ids))
             before = self.fill
             self._add(ids, origin, [None] * len(ids))
@@ -222,7 +225,7 @@ class WorkingMemory:
                 raise UsageError(self._no_room(overflow))
             from_memory = sum(1 for i in drop if i < before)
             if drop:
-                self._drop(drop)
+                self._drop(drop, "evict" if from_memory else "unread")
             if from_memory:
                 self.counters.evictions += 1
                 self.counters.evicted += from_memory
@@ -246,6 +249,8 @@ class WorkingMemory:
         self.slots[at:at] = new
         self.stale = min(self.stale, at)
         self.counters.seen += len(new)
+        if self.trace is not None:
+            self.trace.read(at, new)
 
     # --- editing ---------------------------------------------------------------------
 
@@ -254,8 +259,12 @@ class WorkingMemory:
         pinned slot only with `pinned=True`. Returns how many went. The slots after
         them are recomputed at their new positions by the next pass."""
         with self.claimed():
+            before = self.slots
             self.slots = edits.forget(self.slots, start, stop, pinned=pinned)
             self.stale = min(self.stale, start)
+            if self.trace is not None:
+                self._begin()
+                self.trace.drop(range(start, stop), before, "forget", self.shape.policy, self.fill)
             return stop - start
 
     def pin(self, start: int, stop: int) -> int:
@@ -263,12 +272,16 @@ class WorkingMemory:
         pinned before. Refused when the pins would leave fewer than `evict` slots to
         roll. Nothing is recomputed."""
         with self.claimed():
-            return edits.set_pins(self.slots, start, stop, True, capacity=self.capacity, evict=self.evict)
+            changed = edits.set_pins(self.slots, start, stop, True, capacity=self.capacity, evict=self.evict)
+            self._trace_pins(start, stop, True)
+            return changed
 
     def unpin(self, start: int, stop: int) -> int:
         """Unpin slots `start..stop-1`; returns how many were pinned."""
         with self.claimed():
-            return edits.set_pins(self.slots, start, stop, False, capacity=self.capacity, evict=self.evict)
+            changed = edits.set_pins(self.slots, start, stop, False, capacity=self.capacity, evict=self.evict)
+            self._trace_pins(start, stop, False)
+            return changed
 
     def insert(self, index: int, ids: Sequence[int], *, origin: str = INSERTED) -> int:
         """Read `ids` into memory before slot `index` (0..fill; fill appends), as
@@ -278,6 +291,11 @@ class WorkingMemory:
             new = [Slot(t, origin, new=True) for t in ids]
             slots, drop = edits.insert(self.slots, index, new, capacity=self.capacity, policy=self.policy)
             first = next(i for i, s in enumerate(slots) if s is new[0])
+            if self.trace is not None:
+                self._begin()
+                if drop:
+                    self.trace.drop(drop, self.slots, "evict", self.shape.policy, len(slots) - len(new))
+                self.trace.read(first, new)
             self.slots, self.stale = slots, min(self.stale, first, *drop)
             self.counters.seen += len(new)
             if drop:
@@ -310,6 +328,9 @@ class WorkingMemory:
             self.slots, self.stale = slots, same
             self.counters = replace(checkpoint.counters)
             self.sampling, self.last_evicted = checkpoint.sampling, checkpoint.last_evicted
+            if self.trace is not None:
+                self._begin()
+                self.trace.restore(self.slots)
 
     def fork(self, *, store: KVStore | None = None) -> WorkingMemory:
         """A copy with its own keys and values (copied, so nothing is recomputed), in
@@ -327,6 +348,15 @@ class WorkingMemory:
         """Forget by another policy from now on (scores are kept for the slots)."""
         with self.claimed():
             self._reshape(shape(self.capacity, self.keep, self.evict, self.model.config.n_positions, policy=policy, recent=recent))
+
+    def _begin(self) -> None:
+        if self.trace is not None:
+            self.trace.begin()
+
+    def _trace_pins(self, start: int, stop: int, value: bool) -> None:
+        if self.trace is not None:
+            self._begin()
+            self.trace.pin(list(range(start, stop)), value)
 
     def _no_room(self, need: int) -> str:
         return (f"{len(self.pinned)} pinned slots leave no room for {need} more in capacity {self.capacity}; "
@@ -351,6 +381,9 @@ class WorkingMemory:
             self.slots, dropped = fit(slots, self.capacity, self.policy)
             self.counters = Counters(**snapshot.get("counters", {}))
             self.stale = 0
+            if self.trace is not None:
+                self._begin()
+                self.trace.restore(self.slots)
             return dropped
 
     def snapshot(self) -> Snapshot:
@@ -387,16 +420,19 @@ class WorkingMemory:
         drop = self.policy.drop(self.slots, self.evict)
         if not drop:
             raise UsageError(self._no_room(1))
-        self._drop(drop)
+        self._drop(drop, "evict")
         self.last_evicted = tuple(drop)
         self.counters.evictions += 1
         self.counters.evicted += len(drop)
 
-    def _drop(self, indices: Sequence[int]) -> None:
+    def _drop(self, indices: Sequence[int], why: str) -> None:
         """Forget the slots at `indices` (ascending); from the first of them on, the
         keys and values no longer sit at their slots' positions."""
         gone = set(indices)
+        before = self.slots
         self.slots = [s for i, s in enumerate(self.slots) if i not in gone]
+        if self.trace is not None:
+            self.trace.drop(indices, before, why, self.shape.policy, self.fill)
         self.stale = min(self.stale, indices[0])
 
     @torch.inference_mode()
@@ -422,6 +458,8 @@ class WorkingMemory:
         counts the new queries after it."""
         c = self.model.config
         shares = (received / (c.n_layer * c.n_head)).tolist()
+        if self.trace is not None:
+            self.trace.received(shares)
         fresh, later = set(new), 0
         for j in range(self.fill - 1, -1, -1):
             slot = self.slots[j]

@@ -41,5 +41,6 @@ Config = Annotated[Optional[str], typer.Option("--config", help="A preset name (
 Continue = Annotated[bool, typer.Option("-c", "--continue", help="Continue from the saved memory of the session, and save back to it.")]
 NoSave = Annotated[bool, typer.Option("--no-save", help="Do not save the final memory.")]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No notices on stderr.")]
+TracePath = Annotated[Optional[str], typer.Option("--trace", help="Write the memory's ledger to this file as it happens: every read, eviction and edit, as JSON Lines (see wmgen timeline).", show_default=False)]
 NoColor = Annotated[bool, typer.Option("--no-color", help="No colour (also NO_COLOR).")]
 
