@@ -55,7 +55,7 @@ def draw(view: dict, path: str, *, title: str | None = None) -> tuple[int, int]:
         finite = grid[np.isfinite(grid)]
         image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis", origin="upper",
                           norm=LogNorm(vmin=max(float(finite.min()), 1e-6), vmax=max(float(finite.max()), 1e-5)))
-        fig.colorbar(image, ax=ax, label="attention received (share of the step's queries, over layers and heads)")
+        fig.colorbar(image, ax=ax, label="attention received in the step (summed over its new queries; mean over layers and heads)")
     else:
         cmap = ListedColormap([ORIGIN_COLOURS.get(o, "#999999") for o in origins])
         ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=cmap, vmin=-0.5, vmax=len(origins) - 0.5, origin="upper")

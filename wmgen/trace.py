@@ -207,10 +207,14 @@ def timeline(events: Sequence[dict]) -> dict:
             if not steps or steps[-1] != step:
                 steps.append(step)
 
+    current = 0
     for e in events:
         kind, step = e["type"], e.get("step", 0)
         if kind == "trace" or kind == "truncated":
             continue
+        if step != current:  # what a step held is what it ended with
+            note(current)
+            current = step
         last = max(last, step)
         if kind in ("start", "restore"):
             slots = [s["id"] for s in e["slots"]]
@@ -226,6 +230,8 @@ def timeline(events: Sequence[dict]) -> dict:
         elif kind == "evict":
             gone = set(e["slots"])  # they leave at this step: not held in it
             slots = [uid for i, uid in enumerate(slots) if i not in gone]
+            if e.get("why") == "unread":  # a prompt too long for the memory: never held, no eviction
+                continue
             recomputed.append((step, slots[e.get("recompute_from", len(slots)) :]))
             evictions.append((step, len(gone), e.get("recompute_from", 0)))
             for d in e.get("dropped", []):
@@ -238,7 +244,8 @@ def timeline(events: Sequence[dict]) -> dict:
         elif kind == "attention":
             for uid, share in zip(slots, e["received"]):
                 received[(uid, step)] = share
-        note(step)
+    note(current)
+    rows = {uid: row for uid, row in rows.items() if uid in held}  # a prompt's unread tokens were never held
     return {"rows": rows, "held": held, "received": received, "evictions": evictions, "dropped": dropped, "recomputed": recomputed, "steps": last,
             "policy": events[0].get("policy"), "model": events[0].get("model"), "capacity": events[0].get("capacity")}
 
