@@ -299,6 +299,13 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(served):
     assert r.status_code == 200
 
 
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_row(served):
+    body = {"prompt": "Forever", "max_tokens": 100000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{served.url}/v1/completions", json=body, timeout=1.5)
+    served.wait_idle()
+
+
 # --- bad input -----------------------------------------------------------------------------------------
 
 
@@ -433,7 +440,10 @@ def test_kill_9_never_leaves_a_half_written_session(tiny_dir, tmp_path):
         threads = [threading.Thread(target=hammer) for _ in range(2)]
         for t in threads:
             t.start()
-        time.sleep(0.5 + 0.3 * attempt)
+        deadline = time.monotonic() + 60
+        while not (home / "sessions" / "hot.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # saved once: from now on there is something to lose
+        time.sleep(0.2 + 0.3 * attempt)
         server.process.kill()
         server.process.wait()
         stop.set()

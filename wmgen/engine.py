@@ -216,7 +216,8 @@ class Engine:
     def _check_room(self) -> None:
         if self.stopping:
             raise Busy("the server is stopping", retry_after=5)
-        if len(self.waiting) >= self.max_queue:
+        free = max(0, self.max_rows - len(self.running))  # those start at the next step, without waiting
+        if len(self.waiting) >= self.max_queue + free:
             raise Busy(f"the server is busy: {len(self.waiting)} requests are waiting; try again shortly")
 
     # --- the engine's thread ----------------------------------------------------------------

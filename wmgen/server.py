@@ -343,6 +343,23 @@ class Server:
             if not done:
                 self.engine.withdraw(job)
 
+    async def gather(self, request: Request, asks: list[Ask], built: Choices) -> None:
+        """A whole job into `built`, for an answer sent at the end; a client that
+        goes away meanwhile takes its job out of the engine (as a stream's does)."""
+
+        async def consume():
+            async for kind, row, value in self.run_job(asks):
+                built.take(kind, row, value)
+
+        task = asyncio.ensure_future(consume())
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise Invalid("the client went away", status=499, code="client_closed")
+        task.result()
+
     # --- routes ------------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
@@ -382,8 +399,7 @@ class Server:
         if stream:
             return self._sse(self._completion_chunks(asks, about, built, usage_chunk))
         try:
-            async for kind, row, value in self.run_job(asks):
-                built.take(kind, row, value)
+            await self.gather(request, asks, built)
         except Invalid as e:
             return error_response(e)
         return JSONResponse(about | {"choices": [built.choice(k) for k in range(len(asks))], "usage": built.usage()}
@@ -420,8 +436,7 @@ class Server:
         if stream:
             return self._sse(self._chat_chunks(asks, about | {"object": "chat.completion.chunk"}, built, usage_chunk))
         try:
-            async for kind, row, value in self.run_job(asks):
-                built.take(kind, row, value)
+            await self.gather(request, asks, built)
         except Invalid as e:
             return error_response(e)
         return JSONResponse(about | {"choices": [built.message(k) for k in range(len(asks))], "usage": built.usage()})
