@@ -21,6 +21,7 @@ or edits: a prompt, a generated token, a chat turn's text, an edit):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -91,7 +92,10 @@ class Trace:
         self._write({"type": "restore", "step": self.step, "slots": self._new_slots(slots)})
 
     def received(self, shares: Sequence[float]) -> None:
-        self._write({"type": "attention", "step": self.step, "received": [round(x, 6) for x in shares]})
+        """One number per slot each step: written as text at once (4 significant
+        digits), not through the JSON encoder, which would cost a step ~2% at 1024 slots."""
+        numbers = ",".join(f"{x:.4g}" if math.isfinite(x) else "null" for x in shares)
+        self._write_line(f'{{"type": "attention", "step": {self.step}, "received": [{numbers}]}}')
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -106,13 +110,16 @@ class Trace:
         return out
 
     def _write(self, record: dict) -> None:
+        self._write_line(None, record)
+
+    def _write_line(self, line: str | None, record: dict | None = None) -> None:
         if self.cap is not None and self.written >= self.cap:
             return
         self.written += 1
         if self.cap is not None and self.written == self.cap:
-            record = {"type": "truncated", "step": self.step, "events": self.cap}
+            line, record = None, {"type": "truncated", "step": self.step, "events": self.cap}
         try:
-            self.out.write(json_text(record) + "\n")
+            self.out.write((line if line is not None else json_text(record)) + "\n")
             self.out.flush()
         except (OSError, ValueError):  # a full disk or a closed file: the run goes on without its ledger
             self.cap, self.written = 0, 1
