@@ -360,14 +360,18 @@ class Model:
 
     def perplexity(self, text: str | Sequence[int], *, capacity: int | None = None, keep: int | None = None, evict: int | None = None,
                    policy: str | None = None, recent: int | None = None, max_tokens: int | None = None,
-                   progress: Callable[[int], None] | None = None, memory: WorkingMemory | None = None) -> Score:
+                   progress: Callable[[int], None] | None = None, memory: WorkingMemory | None = None,
+                   cost: bool = False, bound: bool = False) -> Score:
         """Score `text` (or token ids) through a fresh working memory: every token but
         the first gets the log-probability the model gives it from what is in memory
         just before it. The `Score` has `perplexity`, `nll` (nats per token),
         `bits_per_byte`, `tokens` scored, counters and `seconds`, as `wmgen
         perplexity` prints them. `progress(n)` is called as tokens are scored.
         With `memory` (an empty one of this model's, made with `memory()`), the
-        text is scored through it instead, and it is left holding the end."""
+        text is scored through it instead, and it is left holding the end.
+        With `cost`, every eviction's cost is measured too (`Score.cost`, see
+        `wmgen.forgetting`), and with `bound`, the least costly of other choices of
+        slots to drop (about capacity times slower)."""
         from wmgen.perplexity import score
 
         ids = self._ids(text, False, "text")
@@ -380,12 +384,26 @@ class Model:
             self._own(memory)
             if memory.fill or any(v is not None for v in (capacity, keep, evict, policy, recent)):
                 raise UsageError("perplexity scores through an empty memory with its own shape: give memory= or a shape, not both")
-            return score(memory, ids, self.tokenizer.token_bytes, progress=progress)
-        given, values = self._shape_values(capacity, keep, evict, policy, recent)
-        if values[1] == "prompt":
-            with self._blame(given):
-                raise UsageError("keep 'prompt' has no meaning for perplexity; give a count", key="keep")
-        return score(self._new_memory(given, values), ids, self.tokenizer.token_bytes, progress=progress)
+        else:
+            given, values = self._shape_values(capacity, keep, evict, policy, recent)
+            if values[1] == "prompt":
+                with self._blame(given):
+                    raise UsageError("keep 'prompt' has no meaning for perplexity; give a count", key="keep")
+            memory = self._new_memory(given, values)
+        cost, bound = flag(cost, "cost"), flag(bound, "bound")
+        if cost or bound:
+            self.check_cost(memory.shape)
+        return score(memory, ids, self.tokenizer.token_bytes, progress=progress, cost=cost, bound=bound)
+
+    def check_cost(self, s: Shape) -> None:
+        """Whether the cost of forgetting can be measured for a memory of shape `s`:
+        each eviction is scored again through a memory larger by what it drops
+        (twice `evict` at most, under the boundary policy), which the model must read."""
+        most = s.evict * (2 if s.policy == "boundary" else 1)
+        if s.capacity + most > self.n_positions:
+            raise UsageError(f"measuring the cost of forgetting scores through a memory {most} tokens larger than capacity "
+                             f"{s.capacity}, more than {self.info.name} reads ({self.n_positions}); "
+                             f"give a capacity of at most {self.n_positions - most}", key="capacity")
 
     def preview(self, text: str | Sequence[int], *, from_scratch: bool = False, capacity: int | None = None,
                 keep: int | str | None = None, evict: int | None = None, policy: str | None = None,

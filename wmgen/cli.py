@@ -923,11 +923,14 @@ def perplexity(
     config: Annotated[Optional[str], typer.Option("--config", help="A preset name or .toml file.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No notices or progress on stderr.")] = False,
     trace: Annotated[Optional[str], typer.Option("--trace", help=f"Write the memory's ledger to this file (at most {TRACE_CAP:,} events; not with --sweep).", show_default=False)] = None,
+    cost: Annotated[bool, typer.Option("--cost", help="Also measure what each eviction cost: the tokens up to the next one scored again through a memory that kept what it dropped.")] = False,
+    bound: Annotated[bool, typer.Option("--cost-bound", help="With the cost, what the least costly other choice of slots to drop would have cost (slow: about capacity times).")] = False,
 ) -> None:
     """Score a text through working memory: perplexity, bits per byte, speed.
 
     Each token is scored with the log-probability the model gives it from what is
-    in memory just before it; the text is read in batched chunks.
+    in memory just before it; the text is read in batched chunks. With --cost, the
+    cost of forgetting, eviction by eviction (exact: see the README).
     """
     if sweep_rest and not sweep:
         raise UsageError(f"unexpected arguments {' '.join(sweep_rest)}; only one FILE is scored (grids go after --sweep)")
@@ -955,6 +958,11 @@ def perplexity(
             shapes.append(lm.shape(**point))  # every shape checked before any scoring
         except UsageError as e:
             raise UsageError(f"--sweep {e}") if e.key in point else e from None
+        if cost or bound:
+            try:
+                lm.check_cost(shapes[-1])
+            except UsageError as e:
+                raise UsageError(f"{'--cost-bound' if bound else '--cost'}: {e} (--capacity)") from None
 
     from wmgen.perplexity import looks_untrained
 
@@ -964,9 +972,9 @@ def perplexity(
             if trace:
                 memory = lm.memory(**shape._asdict())
                 with open_trace(trace, memory, cap=TRACE_CAP):
-                    results.append(lm.perplexity(ids, memory=memory, progress=advance))
+                    results.append(lm.perplexity(ids, memory=memory, progress=advance, cost=cost, bound=bound))
             else:
-                results.append(lm.perplexity(ids, **shape._asdict(), progress=advance))
+                results.append(lm.perplexity(ids, **shape._asdict(), progress=advance, cost=cost, bound=bound))
     if looks_untrained(results[0].perplexity, lm.info.vocab_size):
         notice(f"warning: perplexity {results[0].perplexity:.0f} is about the vocabulary size ({lm.info.vocab_size}): "
                "this model looks untrained, so these numbers say nothing about quality", quiet)
@@ -983,6 +991,10 @@ def perplexity(
         from wmgen.render import score_table
 
         put(sys.stdout, score_table(results, about) + "\n")
+        if cost or bound:
+            from wmgen.render import cost_table
+
+            put(sys.stdout, cost_table(results) + "\n")
     if plot:  # after the results are out, whatever the plot does
         from wmgen.render import plot_sweep
 

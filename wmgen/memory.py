@@ -149,6 +149,14 @@ class WorkingMemory:
         return self.fill - self.stale
 
     @property
+    def room(self) -> int:
+        """How many tokens the next read takes in one pass: the free slots, or what
+        the next eviction would free when the memory is full (0: pins fill it)."""
+        if self.fill < self.capacity:
+            return self.capacity - self.fill
+        return len(self.policy.drop(self.slots, self.evict))
+
+    @property
     def text(self) -> str:
         """The text of the tokens in memory (needs `tokenizer`)."""
         return self.tokenizer.decode(self.tokens) if self.tokenizer is not None else ""
@@ -332,11 +340,16 @@ class WorkingMemory:
                 self._begin()
                 self.trace.restore(self.slots)
 
-    def fork(self, *, store: KVStore | None = None) -> WorkingMemory:
+    def fork(self, *, store: KVStore | None = None, capacity: int | None = None) -> WorkingMemory:
         """A copy with its own keys and values (copied, so nothing is recomputed), in
-        `store` when given (of at least `capacity` slots)."""
+        `store` when given (of at least `capacity` slots). With `capacity`, a memory of
+        that size (at least this one's fill) holding the same slots: what
+        `wmgen.forgetting` scores through to learn what an eviction cost."""
+        capacity = self.capacity if capacity is None else capacity
+        if capacity < self.fill:
+            raise UsageError(f"a fork of capacity {capacity} cannot hold the {self.fill} slots in memory", key="capacity")
         with self.claimed():
-            twin = WorkingMemory(self.model, self.capacity, self.keep, self.evict, policy=self.shape.policy,
+            twin = WorkingMemory(self.model, capacity, self.keep, self.evict, policy=self.shape.policy,
                                  recent=self.recent, store=store, tokenizer=self.tokenizer, model_id=self.model_id)
             twin.pin_prompt, twin._asked = self.pin_prompt, self._asked
             twin.store.copy_from(self.store, self.stale)

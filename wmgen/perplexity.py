@@ -17,10 +17,14 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from time import perf_counter
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from wmgen.memory import WorkingMemory
+
+if TYPE_CHECKING:
+    from wmgen.forgetting import Cost
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,12 @@ class Score:
     evict: int
     policy: str = "oldest"
     recent: int | None = None
+    cost: Cost | None = None  # what forgetting cost, when it was measured
+
+    @property
+    def scoring_seconds(self) -> float:
+        """The time the scoring itself took (without measuring the cost)."""
+        return self.seconds - (self.cost.seconds if self.cost else 0.0)
 
     @property
     def nll(self) -> float:
@@ -52,7 +62,7 @@ class Score:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.seen / self.seconds if self.seconds > 0 else 0.0
+        return self.seen / self.scoring_seconds if self.scoring_seconds > 0 else 0.0
 
     @property
     def recompute_share(self) -> float:
@@ -77,29 +87,59 @@ class Score:
             "recompute_share": self.recompute_share,
             "seconds": self.seconds,
             "tokens_per_s": self.tokens_per_s,
-        }
+        } | ({"cost": self.cost.as_dict()} if self.cost else {})
+
+
+class Watch(Protocol):
+    """What follows a scoring pass by pass (`wmgen.forgetting`)."""
+
+    def before(self, memory: WorkingMemory, evicting: bool) -> None: ...
+
+    def after(self, memory: WorkingMemory, ids: Sequence[int], start: int, stop: int, logprobs: torch.Tensor) -> None: ...
 
 
 def token_logprobs(memory: WorkingMemory, ids: Sequence[int], *, chunk: int = 512,
-                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Log-probability of each of `ids[1:]` given what the memory held just before it."""
+                   progress: Callable[[int], None] | None = None, watch: Watch | None = None) -> torch.Tensor:
+    """Log-probability of each of `ids[1:]` given what the memory held just before it.
+
+    The text is read one forward pass at a time, as `WorkingMemory.feed` would read
+    it (an eviction when the memory is full, then as many tokens as fit), at most
+    `chunk` tokens a pass; `watch` sees each pass."""
     ids = list(ids)
     out = []
+    start = 0
     with torch.inference_mode():
-        for start in range(0, len(ids) - 1, chunk):
-            piece = ids[start : min(start + chunk, len(ids) - 1)]
-            logits = memory.feed(piece, all_logits=True)  # row i predicts the token after piece[i]
-            targets = torch.tensor(ids[start + 1 : start + 1 + len(piece)], device=logits.device)
-            out.append(logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0].cpu())
+        while start < len(ids) - 1:
+            evicting = memory.fill == memory.capacity
+            stop = min(start + max(1, min(memory.room, chunk)), len(ids) - 1)
+            if watch is not None:
+                watch.before(memory, evicting)
+            out.append(pass_logprobs(memory, ids, start, stop))
+            if watch is not None:
+                watch.after(memory, ids, start, stop, out[-1])
             if progress:
-                progress(len(piece))
+                progress(stop - start)
+            start = stop
     return torch.cat(out)
 
 
+def pass_logprobs(memory: WorkingMemory, ids: Sequence[int], start: int, stop: int) -> torch.Tensor:
+    """Read `ids[start:stop]` into the memory; the log-probability of each next token."""
+    logits = memory.feed(ids[start:stop], all_logits=True)  # row i predicts the token after ids[start + i]
+    assert logits is not None  # computed: feed returns None only with compute=False
+    targets = torch.tensor(ids[start + 1 : stop + 1], device=logits.device)
+    return logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0].cpu()
+
+
 def score(memory: WorkingMemory, ids: Sequence[int], token_bytes: Callable[[int], bytes], *,
-          progress: Callable[[int], None] | None = None) -> Score:
+          progress: Callable[[int], None] | None = None, cost: bool = False, bound: bool = False) -> Score:
+    """Score `ids[1:]`; with `cost`, also what each eviction cost (`wmgen.forgetting`),
+    and with `bound`, what the least costly of other choices would have."""
+    from wmgen.forgetting import Forgetting
+
+    watch = Forgetting(token_bytes, bound=bound) if cost or bound else None
     t0 = perf_counter()
-    logprobs = token_logprobs(memory, ids, progress=progress)
+    logprobs = token_logprobs(memory, ids, progress=progress, watch=watch)
     seconds = perf_counter() - t0
     c = memory.counters
     return Score(
@@ -115,6 +155,7 @@ def score(memory: WorkingMemory, ids: Sequence[int], token_bytes: Callable[[int]
         evict=memory.evict,
         policy=memory.shape.policy,
         recent=memory.recent,
+        cost=watch.result() if watch is not None else None,
     )
 
 

@@ -89,18 +89,21 @@ class Boundary:
         return free[:n]
 
     def ends_sentence(self, slots: Sequence[Slot], i: int) -> bool:
-        """Whether slot i's token contains a newline, or ends a sentence (a closing
-        quote or bracket may follow within the token). A CJK full stop split over
-        byte tokens counts where its last byte is."""
-        own = self.token_bytes(slots[i].token).decode("utf-8", "surrogateescape")
-        if "\n" in own:
-            return True
-        closers = len(own) - len(own.rstrip(CLOSERS))
-        if closers == len(own):
-            return False  # only closers (or nothing): the token before ended it, if any
-        tail = b"".join(self.token_bytes(s.token) for s in slots[max(0, i - 2) : i + 1])
-        text = tail.decode("utf-8", "surrogateescape")
-        return text[: len(text) - closers].endswith(SENTENCE_ENDS)
+        return ends_sentence(self.token_bytes, [s.token for s in slots[max(0, i - 2) : i + 1]])
+
+
+def ends_sentence(token_bytes: Callable[[int], bytes], tokens: Sequence[int]) -> bool:
+    """Whether the last of `tokens` contains a newline, or ends a sentence (a closing
+    quote or bracket may follow within the token). A CJK full stop split over byte
+    tokens counts where its last byte is (the two tokens before the last are read)."""
+    own = token_bytes(tokens[-1]).decode("utf-8", "surrogateescape")
+    if "\n" in own:
+        return True
+    closers = len(own) - len(own.rstrip(CLOSERS))
+    if closers == len(own):
+        return False  # only closers (or nothing): the token before ended it, if any
+    text = b"".join(token_bytes(t) for t in tokens[-3:]).decode("utf-8", "surrogateescape")
+    return text[: len(text) - closers].endswith(SENTENCE_ENDS)
 
 
 @dataclass(frozen=True)

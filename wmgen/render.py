@@ -509,6 +509,35 @@ def score_table(results, about: dict) -> str:
     return "\n".join(lines)
 
 
+def cost_table(results) -> str:
+    """What forgetting cost (`Score.cost`): key figures and the costliest evictions for
+    one run, a table for a sweep."""
+    if len(results) > 1:
+        lines = ["| policy | capacity | keep | evict | evictions | cost, nats per token after one | per token evicted | best tried |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in results:
+            c = r.cost
+            best = "" if c.bound is None else f"{c.bound:+.4f}"
+            lines.append(f"| {policy_label(r)} | {r.capacity} | {r.keep} | {r.evict} | {len(c.evictions)} | {c.per_token:+.4f} | "
+                         f"{c.per_evicted:+.4f} | {best} |")
+        return "\n".join(lines)
+    r = results[0]
+    c = r.cost
+    if not c.evictions:
+        return "forgetting: nothing was evicted (the text fits in memory), so nothing was lost"
+    slower = r.seconds / r.scoring_seconds if r.scoring_seconds > 0 else float("nan")
+    lines = [f"forgetting: {len(c.evictions)} evictions dropped {c.evicted} tokens · cost {c.per_token:+.4f} nats per token "
+             f"scored after one, {c.per_evicted:+.4f} per token evicted · measured in {c.seconds:.1f} s more ({slower:.1f}× the scoring)"]
+    if c.bound is not None:
+        lines.append(f"best of {c.tried} choices tried ({c.tried / len(c.evictions):.0f} an eviction): {c.bound:+.4f} nats per token scored after one")
+    lines.append("costliest evictions (nats per token × the tokens scored up to the next one):")
+    for e in c.costliest(5):
+        ages = sorted(d.age for d in e.dropped)
+        age = f"age {ages[0]}" if ages[0] == ages[-1] else f"ages {ages[0]}-{ages[-1]}"
+        lines.append(f"  {e.delta:+.4f} × {e.scored} at token {e.at}: {one_line(''.join(d.text for d in e.dropped), 60)} ({age})")
+    return "\n".join(lines)
+
+
 def policy_label(r) -> str:
     return f"attention (recent {r.recent})" if r.policy == "attention" else r.policy
 
