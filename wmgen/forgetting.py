@@ -123,7 +123,7 @@ class Forgetting:
     evictions: list[Eviction] = field(default_factory=list)
     seconds: float = 0.0
     tried: int = 0
-    _held: list[int] = field(default_factory=list)  # the text index of each slot in memory
+    held: list[int] = field(default_factory=list)  # the text index of each slot in memory, as it reads
     _twin: WorkingMemory | None = None  # the memory as it was before the latest eviction, larger
     _choices: list[WorkingMemory] = field(default_factory=list)  # other drops, for the bound
     _open: dict = field(default_factory=dict)  # the latest eviction's figures so far
@@ -142,8 +142,8 @@ class Forgetting:
             self._open = {"at": start, "dropped": self._dropped(memory, ids, start), "forgot": 0.0, "kept": 0.0,
                           "choices": [0.0] * len(self._choices), "scored": 0}
             gone = set(memory.last_evicted)
-            self._held = [j for i, j in enumerate(self._held) if i not in gone]
-        self._held.extend(range(start, stop))
+            self.held = [j for i, j in enumerate(self.held) if i not in gone]
+        self.held.extend(range(start, stop))
         if self._twin is None:
             return
         t0 = perf_counter()
@@ -171,7 +171,7 @@ class Forgetting:
         assert self._twin is not None  # the memory before the eviction
         out = []
         for i in memory.last_evicted:
-            slot, j = self._twin.slots[i], self._held[i]
+            slot, j = self._twin.slots[i], self.held[i]
             text = self.token_bytes(slot.token).decode("utf-8", "replace")
             out.append(Dropped(j, slot.token, text, slot.origin, start - j, slot.score if slot.queries else None,
                                j == 0 or ends_sentence(self.token_bytes, ids[max(0, j - 3) : j]), kind(text)))
