@@ -203,7 +203,7 @@ def loaded(tiny_dir):
 @pytest.fixture(scope="session")
 def int8_model(tiny_dir):
     """The same checkpoint loaded with --dtype int8 (skips where torch has no int8 kernels)."""
-    from wmgen.gpt2 import int8_available
+    from wmgen.formats import int8_available
     from wmgen.model import load_model, load_tokenizer
 
     if not int8_available():

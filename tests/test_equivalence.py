@@ -342,7 +342,7 @@ def test_generating_five_times_capacity_stays_bounded_in_the_same_kv_store(loade
 def test_the_plain_matrix_path_gives_the_logits_of_transformers(tiny_dir, hf_model, monkeypatch):
     """Where oneDNN packing is not used (GPU, bfloat16, builds without it), projections
     run as `addmm` on the checkpoint's own matrices: the same contract holds."""
-    from wmgen.gpt2 import Linear
+    from wmgen.formats import Linear
     from wmgen.model import load_model, load_tokenizer
 
     monkeypatch.setattr(Linear, "PACK", False)

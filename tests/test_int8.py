@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from conftest import SAMPLE_TEXT, assert_int8_close, assert_rows_match_alone, fresh_logits, kl, ok, one_line_error, text_ids
 from reference import reference_windows
 from wmgen.cli import app
-from wmgen.gpt2 import Int8Linear, int8_available, quantize_rows
+from wmgen.formats import Int8Linear, int8_available, quantize_rows
 from wmgen.memory import WorkingMemory
 
 if not int8_available():

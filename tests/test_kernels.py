@@ -18,7 +18,7 @@ from conftest import assert_int8_close, assert_rows_match_alone, fresh_logits, o
 from wmgen import kernels
 from wmgen.cli import app
 from wmgen.errors import UsageError
-from wmgen.gpt2 import Int8Linear, Linear, contiguous, convert, int8_available, quantized_engine
+from wmgen.formats import Int8Linear, Linear, contiguous, convert, int8_available, quantized_engine
 from wmgen.memory import WorkingMemory
 from wmgen.model import load_model, load_tokenizer
 from wmgen.settings import kernel_cache

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from wmgen.errors import ModelError, UsageError
-from wmgen.gpt2 import Linear
+from wmgen.formats import Linear
 from wmgen.model import load_model, load_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")

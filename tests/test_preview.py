@@ -110,7 +110,7 @@ def int8_lm(request, tiny_dir, monkeypatch, one_torch_thread):
     """An int8 model as loaded on a CPU without and with native bfloat16 (whose
     keys and values are then stored in bfloat16)."""
     from wmgen import model as loader
-    from wmgen.gpt2 import int8_available
+    from wmgen.formats import int8_available
 
     if not int8_available():
         pytest.skip("this torch has none of the int8 kernels, so --dtype int8 cannot run here")

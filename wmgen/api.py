@@ -53,8 +53,8 @@ def load(model: str | None = None, *, device: str | None = None, dtype: str | No
     ...) or a local folder, found by the same rules as `--model`. The tokenizer is
     read now; the weights are read on first use.
 
-    `device` is auto, cpu, cuda or mps; `dtype` auto, float32, bfloat16, float16 or
-    int8. `config` is a preset name or a TOML file, applied as `--config` applies
+    `device` is auto, cpu, cuda or mps; `dtype` auto, float32, bfloat16, float16,
+    int8 or int4. `config` is a preset name or a TOML file, applied as `--config` applies
     it; `defaults` (any of `max_new_tokens`, `temperature`, `top_k`, `top_p`,
     `repetition_penalty`, `seed`, `stop`, `ignore_eos`, `capacity`, `keep`,
     `evict`, `policy`, `recent`) override it. Left as None, a value comes from the preset (`default`
@@ -62,7 +62,7 @@ def load(model: str | None = None, *, device: str | None = None, dtype: str | No
     variables and no user config file.
 
     `kernels` forces the kernels the weights run through, as `WMGEN_KERNELS` does
-    (`linear`, or a float and an int8 one: `linear,onednn`; see `wmgen.kernels`).
+    (`linear`, or one per format: `linear,onednn`; see `wmgen.kernels`).
     Left as None, the fastest are measured the first time a model's shapes are
     used on a machine, and remembered in the user's cache folder.
 

@@ -1,10 +1,9 @@
 """GPT-2 forward pass over a preallocated key/value store.
 
-The weights are the checkpoint's own tensors, used in place where the kernel that
-runs fastest here takes them as they are (GPT-2's `Conv1D` layers store `[in, out]`
-matrices, which `addmm` reads; the tied head is `wte`'s `[V, E]`, which `linear`
-reads), else converted once to its layout, which replaces them (see
-`wmgen.kernels`). The key/value store is allocated once for a fixed
+The weights are held in a format (`wmgen.formats`: the checkpoint's own float
+tensors, used in place where the fastest kernel here takes their layout, or int8 or
+int4), each shape by the kernel that runs it fastest here (`wmgen.kernels`); the
+forward pass only calls them. The key/value store is allocated once for a fixed
 number of slots; a forward pass over tokens at slots `start..start+T-1` writes
 their keys and values there and attends to slots `0..start+T-1`.
 """
@@ -12,10 +11,7 @@ their keys and values there and attends to slots `0..start+T-1`.
 from __future__ import annotations
 
 import math
-import threading
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wmgen import kernels
+from wmgen import formats, kernels
+from wmgen.formats import GROUP, Format, Projection, convert, quantized_engine
 from wmgen.kernels import Choice
 
 ACTIVATIONS = {
@@ -51,233 +48,17 @@ class GPT2Config:
         return self.n_embd // self.n_head
 
 
-def _can_pack() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def contiguous(t: Tensor, rows: int = 64) -> Tensor:
-    """`t` with its elements in row-major order: `t` itself if they already are. The
-    transpose of a row-major matrix is copied a band of `rows` of its source rows at a
-    time (64 rows of gpt2's 768 fit in L2): 1.5-2x faster than `.contiguous()`, whose
-    small square tiles write to a new page in every row of a wide matrix (on the CPU;
-    a GPU transposes in one call)."""
-    if t.is_contiguous() or t.dim() != 2 or not t.t().is_contiguous() or t.device.type != "cpu":
-        return t.contiguous()
-    source = t.t()
-    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    for start in range(0, source.shape[0], rows):
-        out[:, start : start + rows].copy_(source[start : start + rows].t())
-    return out
-
-
-class Linear:
-    """`x @ W + b` for an `[in, out]` weight (GPT-2's Conv1D matrices, or the
-    transposed view of the tied head), `x` of shape `[N, in]`, by one of the kernels
-    `wmgen.kernels` chooses between: `addmm` on a row-major `[in, out]` matrix,
-    `linear` on a row-major `[out, in]` one, or `packed` in oneDNN's blocked layout
-    (which also serves a few batched rows for little more than the cost of one). The
-    weight is used in place when its layout is the kernel's, else copied once into
-    it; the copy replaces the original, so there is still one copy. `bias` may be
-    None (the output head).
-    """
-
-    PACK = _can_pack()
-
-    def __init__(self, weight: Tensor, bias: Tensor | None, *, kernel: str = "addmm", rows: int = 1):
-        self.kernel = kernel
-        self.bias = bias
-        self.weight = self.packed = None
-        if kernel == "packed":
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.t(), rows)  # rows: a layout hint
-        elif kernel == "linear":
-            self.weight = contiguous(weight.t())  # [out, in]
-        else:
-            self.weight = contiguous(weight)  # [in, out]
-
-    @classmethod
-    def kernels(cls, device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
-        """The kernels that run here, the default first."""
-        packed = cls.PACK and device.type == "cpu" and dtype == torch.float32
-        return ("addmm", "linear", "packed") if packed else ("addmm", "linear")
-
-    def __call__(self, x: Tensor, group: int = 0) -> Tensor:
-        """`group` is for `Int8Linear`'s sake: float32 rows never affect each other."""
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        if self.kernel == "linear":
-            return F.linear(x, self.weight, self.bias)
-        return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
-
-    def dense(self) -> Tensor:
-        """The weight as an `[in, out]` matrix (a view unless packed)."""
-        if self.packed is not None:
-            return self.packed.to_dense().t()
-        return self.weight.t() if self.kernel == "linear" else self.weight
-
-    @property
-    def nbytes(self) -> int:
-        bias = self.bias.nbytes if self.bias is not None else 0
-        return (self.packed if self.packed is not None else self.weight).nbytes + bias
-
-
-def int8_available() -> bool:
-    """Whether any of the int8 kernels `Int8Linear` chooses between runs here: fbgemm
-    (x86), oneDNN's quantized engine, or `_weight_int8pack_mm` (any CPU)."""
-    return bool(Int8Linear.kernels())
-
-
-def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per row of `w` `[out, in]`: the int8 matrix and one float32
-    scale per row, `w ≈ q * scale[:, None]`. The int8 matrix is contiguous whatever
-    the layout of `w` (kernels that read it in place need its rows)."""
-    high, low = w.amax(1), w.amin(1)  # in the layout of `w`: a transposed view is read in place
-    scale = (torch.maximum(high, -low).float() / 127).clamp(min=torch.finfo(torch.float32).tiny)
-    q = torch.div(w, scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-    return contiguous(q), scale
-
-
-class Int8Linear:
-    """`x @ W + b` with `W` in int8, one scale per output channel, by one of the
-    kernels `wmgen.kernels` chooses between. A quarter of the bytes of float32 for a
-    batch-1 step to read; results differ from float32 by quantization error
-    (measured in the README).
-
-    `fbgemm` and `onednn` are dynamic: each call quantizes `x` to 7 bits (so int8
-    dot products without VNNI cannot saturate), multiplies in int32 and returns
-    float32. Rows that share a call share one activation scale. So rows are
-    quantized in groups of `group` (a prompt's tokens: ~30% less error than one
-    scale for a whole window, at the same speed), and independent sequences one
-    row at a time (`group=1`), so that a row's result never depends on the rows
-    beside it. `int8pack` multiplies float activations by the int8 weights
-    directly: rows never affect each other, and it reads the matrix in place.
-    """
-
-    GROUP = 16
-    ENGINES = ("fbgemm", "onednn")  # the kernels that are torch's quantized engines
-
-    def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None, *, kernel: str = "fbgemm"):
-        """From `quantize_rows` of the `[out, in]` weight."""
-        self.kernel = kernel
-        self.nbytes = q.nbytes + scale.nbytes + (bias.nbytes if bias is not None else 0)
-        self.q, self.scale, self.bias, self.packed = q, scale, bias, None
-        if kernel != "int8pack":
-            self.packed = _prepack(q, scale, bias, kernel)
-            self.q = self.scale = self.bias = None  # the packed copy is the one kept
-
-    @classmethod
-    def from_weight(cls, weight: Tensor, bias: Tensor, *, kernel: str = "fbgemm") -> "Int8Linear":
-        """From a float `[in, out]` (Conv1D) weight."""
-        return cls(*quantize_rows(weight.t()), bias, kernel=kernel)
-
-    @staticmethod
-    def kernels() -> tuple[str, ...]:
-        """The kernels that run here, the default first."""
-        engines = torch.backends.quantized.supported_engines if hasattr(torch.ops.quantized, "linear_dynamic") else ()
-        found = {"fbgemm": "fbgemm" in engines, "onednn": "onednn" in engines, "int8pack": hasattr(torch.ops.aten, "_weight_int8pack_mm")}
-        return tuple(name for name, ok in found.items() if ok)
-
-    def __call__(self, x: Tensor, group: int = GROUP) -> Tensor:
-        if self.packed is None:
-            y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
-            return y if self.bias is None else y.add_(self.bias)
-        if x.shape[0] <= group:
-            return torch.ops.quantized.linear_dynamic(x, self.packed, True)
-        return torch.cat([torch.ops.quantized.linear_dynamic(part, self.packed, True) for part in x.split(group)])
-
-
-def _prepack(q: Tensor, scale: Tensor, bias: Tensor | None, engine: str):
-    """`q` and its scales in the layout of the quantized engine `engine`."""
-    zero = torch.zeros(q.shape[0], dtype=torch.long)
-    with quantized_engine(engine):
-        with warnings.catch_warnings():  # torch flags quantized tensors as legacy; its kernels are what runs fastest here
-            warnings.simplefilter("ignore", UserWarning)
-            qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
-        return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.float())
-
-
-@contextmanager
-def quantized_engine(engine: str | None):
-    """Torch's quantized engine set to `engine` (None: left alone), and set back as it
-    was. The setting is torch-wide: threads that pack weights at once must all have
-    the same engine set around them (each then sets it to what it already is)."""
-    before = torch.backends.quantized.engine
-    if engine is None or engine == before:
-        yield
-        return
-    torch.backends.quantized.engine = engine
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = before
-
-
-def convert(jobs: list[tuple], work: Callable[[object], object], threads: int = 2) -> list[tuple]:
-    """`(*key, work(source))` for each job `(*key, source)`, in order, by `threads`
-    threads taking the jobs one by one. Packing a weight for int8 runs on one core,
-    without the GIL: two at a time take ~30% less time. A job is let go as soon as
-    it is taken, so each source can be freed once converted, as one thread
-    converting them in turn would."""
-    results: list = [None] * len(jobs)
-    taken = iter(range(len(jobs)))
-    lock = threading.Lock()
-    failed: list[BaseException] = []
-
-    def worker() -> None:
-        try:
-            while not failed:
-                with lock:
-                    n = next(taken, None)
-                    if n is None:
-                        return
-                    *key, source = jobs[n]
-                    jobs[n] = None
-                results[n] = (*key, work(source))
-                del source
-        except BaseException as e:  # raised in the caller's thread
-            failed.append(e)
-
-    helpers = [threading.Thread(target=worker, daemon=True) for _ in range(threads - 1)]
-    for t in helpers:
-        t.start()
-    worker()
-    for t in helpers:
-        t.join()
-    if failed:
-        raise failed[0]
-    return results
-
-
 PROJECTIONS = {"c_attn": "attn.c_attn", "c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp_proj": "mlp.c_proj"}
-
-
-def shape_key(args: tuple, int8: bool) -> str:
-    """`in x out` of a projection, from `Linear`'s `[in, out]` weight or `Int8Linear`'s `[out, in]` one."""
-    rows, cols = args[0].shape
-    return f"{cols}x{rows}" if int8 else f"{rows}x{cols}"
-
-
-def head_key(head: tuple, int8: bool) -> str:
-    return "head " + shape_key(head, int8)
-
-
-def head_sample(head: tuple, int8: bool) -> tuple:
-    """Enough of the head (its first output columns) to time it out of cache."""
-    n = max(1, kernels.SAMPLE_WEIGHTS // head[0].shape[1 if int8 else 0])
-    if int8:
-        q, scale, bias = head
-        return q[:n], scale[:n], bias
-    weight, bias = head
-    return weight[:, :n].contiguous(), bias
 
 
 @dataclass
 class Block:
     ln_1: tuple[Tensor, Tensor]
-    c_attn: Linear | Int8Linear  # fused query/key/value projection, E -> 3E
-    c_proj: Linear | Int8Linear
+    c_attn: Projection  # fused query/key/value projection, E -> 3E
+    c_proj: Projection
     ln_2: tuple[Tensor, Tensor]
-    c_fc: Linear | Int8Linear
-    mlp_proj: Linear | Int8Linear
+    c_fc: Projection
+    mlp_proj: Projection
 
 
 class KVStore:
@@ -336,21 +117,21 @@ class KVStore:
 class GPT2:
     """The GPT-2 network as functions over its weight tensors."""
 
-    def __init__(self, config: GPT2Config, weights: dict[str, Tensor], *, int8: bool = False,
+    def __init__(self, config: GPT2Config, weights: dict[str, Tensor], *, weight_format: str | Format | None = None,
                  kv_dtype: torch.dtype | None = None, forced_kernels: tuple[str, ...] = (),
                  kernel_cache: Path | None = None):
-        """Takes the tensors out of `weights` as it goes (so that repacked ones can be
-        freed at once). With `int8`, every projection and the output head are
-        quantized to int8 (`Int8Linear`); layer norms and position embeddings stay
-        float32. Keys and values are stored in `kv_dtype` (None: the activations'
-        dtype); the loader decides it (`wmgen.model.kv_dtype`).
+        """Takes the tensors out of `weights` as it goes (so that converted ones can
+        be freed at once). Every projection and the output head are held in
+        `weight_format` (`wmgen.formats`: a name, int8 or int4, or a `Format`; None:
+        the weights' own dtype); layer norms and position embeddings stay as loaded.
+        Keys and values are stored in `kv_dtype` (None: the activations' dtype); the
+        loader decides it (`wmgen.model.kv_dtype`).
 
         Each shape of weight gets the kernel that runs it fastest here (see
         `wmgen.kernels`), read from `kernel_cache` or measured now and kept there
-        (None: measured, not kept); the first of `forced_kernels` of this kind (float
-        or int8) is used instead where given."""
+        (None: measured, not kept); the first of `forced_kernels` of the format's
+        kind is used instead where given."""
         self.config = config
-        self.int8 = int8
         self._kv_dtype = kv_dtype
         for name in list(weights):
             weights[name.removeprefix("transformer.")] = weights.pop(name)
@@ -361,47 +142,37 @@ class GPT2:
 
         wte = w.pop("wte.weight")  # [V, E]
         self.wpe = w.pop("wpe.weight")
+        fmt = self.format = weight_format if isinstance(weight_format, Format) else formats.named(weight_format or "", self.wpe.dtype)
         self.ln_f = pair("ln_f")
         norms = [(pair(f"h.{i}.ln_1"), pair(f"h.{i}.ln_2")) for i in range(config.n_layer)]
-        layers = [{part: pair(f"h.{i}.{path}") for part, path in PROJECTIONS.items()} for i in range(config.n_layer)]
-        if int8:
-            for layer in layers:  # in place: each layer's float weights are freed once quantized
-                for part, (weight, bias) in list(layer.items()):
-                    layer[part] = (*quantize_rows(weight.t()), bias)
-            # Token embeddings keep their own int8 rows (dequantized as read); the
-            # head reads them in place (int8pack) or packs a copy of its own (two
-            # int8 copies, together half the bytes of the one float32 matrix).
-            self.embedding, self.embedding_scale = quantize_rows(wte)
-            head = (self.embedding, self.embedding_scale, None)
-        else:
-            # Token embeddings are the head's columns ([E, V], a copy made for the
-            # addmm kernel) or rows ([V, E]), so there is one copy of the matrix.
-            head = (wte.t(), None)
+        layers = []
+        for i in range(config.n_layer):  # each layer's float weights are let go once quantized
+            layers.append({part: fmt.prepare(*pair(f"h.{i}.{path}")) for part, path in PROJECTIONS.items()})
+        head = fmt.tied(wte)
         del wte
         self.kernels, measured = self._choose_kernels(layers, head, forced_kernels, kernel_cache)
         chosen = self.kernels.kernels
         ready = {key: iter(made) for key, made in measured.items()}  # built while measuring: layers in order
         del measured
-        build = Int8Linear if int8 else Linear
-        self._head = build(*head, kernel=chosen[head_key(head, int8)])
+        self._head = fmt.build(chosen["head " + fmt.shape_key(head)], *head)
+        self.embedding = fmt.embedding(head, self._head)
         del head
         made = self._convert(layers, chosen, ready)
         self.blocks = [Block(ln_1=ln_1, ln_2=ln_2, **parts) for (ln_1, ln_2), parts in zip(norms, made)]
-        self._batch_head: Linear | bool | None = None
         self.activation = ACTIVATIONS[config.activation_function]
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
     def _convert(self, layers: list[dict], chosen: dict[str, str], ready: dict[str, Iterator]) -> list[dict]:
         """Each layer's projections (emptying `layers`) by their chosen kernels: those
         built while measuring (`ready`, per shape in layer order), the rest converted
-        now: int8 packing two at a time (see `convert`); float copies one at a time
-        (two at once were ~20% slower here: both threads fault in fresh pages)."""
-        build = Int8Linear if self.int8 else Linear
+        now, `format.threads` at a time (see `convert`; float copies one at a time:
+        two at once were ~20% slower here, both threads faulting in fresh pages)."""
+        fmt = self.format
         made, jobs = [{} for _ in layers], {}
         for i in range(len(layers)):
             layer, layers[i] = layers[i], None  # each source is let go as soon as it is converted
             for part, args in layer.items():
-                key = shape_key(args, self.int8)
+                key = fmt.shape_key(args)
                 done = next(ready.get(key, iter(())), None)
                 if done is not None:
                     made[i][part] = done
@@ -409,39 +180,36 @@ class GPT2:
                     jobs.setdefault(chosen[key], []).append((i, part, args))
         while jobs:
             kernel, todo = jobs.popitem()
-            with quantized_engine(kernel if kernel in Int8Linear.ENGINES else None):  # torch-wide: one engine at a time
-                for i, part, converted in convert(todo, lambda args, kernel=kernel: build(*args, kernel=kernel), threads=2 if self.int8 else 1):
+            with quantized_engine(kernel if kernel in formats.Int8Linear.ENGINES else None):  # torch-wide: one engine at a time
+                for i, part, converted in convert(todo, lambda args, kernel=kernel: fmt.build(kernel, *args), threads=fmt.threads):
                     made[i][part] = converted
         return made
 
     def _choose_kernels(self, layers: list[dict], head: tuple, forced: tuple[str, ...], cache: Path | None) -> tuple[Choice, dict]:
         """A kernel per shape of projection and for the head, and the projections
         built while measuring (see `wmgen.kernels.choose`)."""
-        int8 = self.int8
-        if int8:
-            candidates = head_candidates = Int8Linear.kernels()
-            build, tolerance, kind = Int8Linear, 0.05, kernels.INT8  # dynamic and static activations differ by ~2%
-        else:
-            candidates = Linear.kernels(self.device, self.dtype)
-            head_candidates = tuple(k for k in candidates if k != "packed")  # embeddings read the head's plain matrix
-            build, tolerance, kind = Linear, 1e-5, kernels.FLOAT
+        fmt = self.format
 
         def role(key: str, options: tuple[str, ...], inputs: int, samples: Callable[[], list[tuple]]) -> kernels.Role:
-            return kernels.Role(key, options, inputs, samples, lambda kernel, *args: build(*args, kernel=kernel), tolerance, self.dtype)
+            return kernels.Role(key, options, inputs, samples, fmt.build, fmt.tolerance, self.dtype)
 
         groups: dict[str, list[tuple]] = {}
         for layer in layers:
             for args in layer.values():
-                groups.setdefault(shape_key(args, int8), []).append(args)
-        inputs = 1 if int8 else 0  # the dimension of a weight that `x` meets
-        roles = [role(key, candidates, group[0][0].shape[inputs], lambda g=group: kernels.sample(g, g[0][0].numel()))
+                groups.setdefault(fmt.shape_key(args), []).append(args)
+        candidates = fmt.candidates(self.device, self.dtype)
+        roles = [role(key, candidates, fmt.shape(group[0])[0], lambda g=group: kernels.sample(g, math.prod(fmt.shape(g[0]))))
                  for key, group in groups.items()]
-        roles.append(role(head_key(head, int8), head_candidates, head[0].shape[inputs], lambda: [head_sample(head, int8)]))
-        weights = head[0].numel() + sum(args[0].numel() for group in groups.values() for args in group)
+        inputs, outputs = fmt.shape(head)
+        n = max(1, kernels.SAMPLE_WEIGHTS // inputs)  # enough of the head (its first output columns) to time it out of cache
+        roles.append(role("head " + fmt.shape_key(head), fmt.candidates(self.device, self.dtype, head=True), inputs,
+                          lambda: [fmt.sample(head, n)]))
+        weights = inputs * outputs + sum(math.prod(fmt.shape(args)) for group in groups.values() for args in group)
         unmeasured = ("kernels are measured on the CPU only" if self.device.type != "cpu" else
-                      "a model this small is not measured" if weights < kernels.SMALL_WEIGHTS else "")
-        return kernels.choose(roles, dtype="int8" if int8 else str(self.dtype).removeprefix("torch."),
-                              forced=next((k for k in forced if k in kind), None), cache=cache, unmeasured=unmeasured)
+                      "a model this small is not measured" if weights < kernels.SMALL_WEIGHTS else
+                      f"one kernel runs {fmt.name} here" if all(len(r.candidates) == 1 for r in roles) else "")
+        return kernels.choose(roles, dtype=fmt.name, forced=next((k for k in forced if k in fmt.kind), None),
+                              cache=cache, unmeasured=unmeasured)
 
     @property
     def kv_dtype(self) -> torch.dtype:
@@ -451,8 +219,8 @@ class GPT2:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of activations (float32 in int8 mode), and of keys and values
-        except where `kv_dtype` says otherwise."""
+        """The dtype of activations (float32 for quantized weights), and of keys and
+        values except where `kv_dtype` says otherwise."""
         return self.wpe.dtype
 
     @property
@@ -461,17 +229,13 @@ class GPT2:
 
     @property
     def head(self) -> Tensor | None:
-        """The output head as an `[E, V]` matrix (None in int8 mode)."""
-        return None if self.int8 else self._head.dense()
+        """The output head as an `[E, V]` matrix (None for quantized weights)."""
+        return self.format.dense(self._head)
 
     @property
     def nbytes(self) -> int:
         """Bytes of weights held."""
-        if self.int8:
-            head = self.embedding.nbytes + self.embedding_scale.nbytes + (self._head.nbytes if self._head.packed is not None else 0)
-        else:
-            head = self._head.nbytes
-        total = head + sum(t.nbytes for t in (self.wpe, *self.ln_f))
+        total = self._head.nbytes + self.embedding.nbytes + sum(t.nbytes for t in (self.wpe, *self.ln_f))
         for b in self.blocks:
             total += sum(t.nbytes for t in (*b.ln_1, *b.ln_2)) + sum(m.nbytes for m in (b.c_attn, b.c_proj, b.c_fc, b.mlp_proj))
         return total
@@ -511,7 +275,7 @@ class GPT2:
         if attn_mask is None and T > 1 and start > 0:
             attn_mask = causal_mask(T, start, self.device)
         causal = attn_mask is None and T > 1
-        group = Int8Linear.GROUP if B == 1 else 1  # int8 never quantizes two sequences together
+        group = GROUP if B == 1 else 1  # dynamic int8 never quantizes two sequences together
         eps = cfg.layer_norm_epsilon
         scoring = received is not None and len(queries) > 0
         own = torch.full((B,), end - 1, device=self.device) if scoring and T == 1 else None
@@ -571,31 +335,18 @@ class GPT2:
         return b.mlp_proj(self.activation(b.c_fc(h, group)), group)
 
     def embed(self, ids: Tensor) -> Tensor:
-        """Token embeddings `[N, E]` for `ids` `[N]` (the columns of the tied head)."""
-        if self.int8:
-            return self.embedding[ids].float() * self.embedding_scale[ids, None]
-        if self._head.kernel == "linear":
-            return self._head.weight[ids]  # [V, E]: rows
-        return self._head.weight[:, ids].t()
+        """Token embeddings `[N, E]` for `ids` `[N]` (the rows of the tied head)."""
+        return self.embedding(ids)
 
-    def logits(self, hidden: Tensor, group: int = Int8Linear.GROUP) -> Tensor:
+    def logits(self, hidden: Tensor, group: int = GROUP) -> Tensor:
         """Next-token logits from hidden states (the head is tied to `wte`); `group`
-        as for `Int8Linear`."""
+        as for `wmgen.formats.Int8Linear`."""
         return self._head(hidden.reshape(-1, hidden.shape[-1]), group).view(*hidden.shape[:-1], -1)
 
     def batch_logits(self, hidden: Tensor) -> Tensor:
-        """`logits` for a few rows at once. Through a oneDNN-packed copy of the head,
-        made on first use (154 MB for gpt2, so only batched runs pay for it): for
-        8 rows it is ~3x faster than the plain matrix, which small batches read
-        once per row."""
-        if self.int8:
-            return self.logits(hidden, group=1)  # rows are sequences
-        if self._batch_head is None:
-            packs = "packed" in Linear.kernels(self.device, self.dtype)
-            self._batch_head = Linear(self.head, None, kernel="packed", rows=8) if packs else False
-        if self._batch_head is False:  # no oneDNN here: share the plain matrix
-            return self.logits(hidden)
-        return self._batch_head(hidden)
+        """`logits` for a few sequences' rows at once (`Format.batch_head`); rows are
+        sequences, never quantized together."""
+        return self.format.batch_head(self._head)(hidden, 1)
 
 
 def causal_mask(T: int, start: int, device) -> Tensor:

@@ -18,6 +18,10 @@ int8 kernels (int8 weights with one scale per output channel, float activations)
   fbgemm    fbgemm's dynamic kernel: activations quantized to 7 bits per call
   onednn    oneDNN's dynamic kernel, the same quantization
   int8pack  `_weight_int8pack_mm`: float activations times the int8 weights
+int4 kernels (4-bit weights, a scale and zero per group of inputs):
+  int4pack  `_weight_int4pack_mm_for_cpu`: bfloat16 activations times the 4-bit
+            weights in its blocked layout (measured against its float32 path,
+            ~30x slower, and `_dyn_quant_matmul_4bit`, a reference loop off ARM)
 
 Torch is imported only where a kernel is timed: `parse` serves the command line.
 """
@@ -38,6 +42,8 @@ from wmgen.errors import UsageError
 
 FLOAT = ("addmm", "linear", "packed")
 INT8 = ("fbgemm", "onednn", "int8pack")
+INT4 = ("int4pack",)
+KINDS = (FLOAT, INT8, INT4)  # a format's kernels: one of each may be forced
 VERSION = 1  # of the cache file's layout
 
 # Of each shape, the first layers' weights are timed, up to this many: 24 MB in
@@ -54,13 +60,13 @@ CLOSE = 0.03  # a kernel must beat the default by more than this to replace it
 
 
 def parse(text: str, where: str = "WMGEN_KERNELS") -> tuple[str, ...]:
-    """The kernels `text` forces: one name, or a float and an int8 one (`linear,onednn`)."""
+    """The kernels `text` forces: one name, or one per format (`linear,onednn`)."""
     names = tuple(name.strip() for name in text.split(","))
-    floats, int8s = [n for n in names if n in FLOAT], [n for n in names if n in INT8]
-    if len(floats) + len(int8s) != len(names) or len(floats) > 1 or len(int8s) > 1:
+    known = all(any(n in kind for kind in KINDS) for n in names)
+    if not known or any(sum(n in kind for n in names) > 1 for kind in KINDS):
         shown = repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
-        raise UsageError(f"{where}: {shown} is not a kernel choice; give one of {', '.join(FLOAT + INT8)}, "
-                         "or one float and one int8 kernel separated by a comma (linear,onednn)")
+        raise UsageError(f"{where}: {shown} is not a kernel choice; give one of {', '.join(sum(KINDS, ()))}, "
+                         "or one float, one int8 and one int4 kernel separated by commas (linear,onednn)")
     return names
 
 
@@ -140,7 +146,7 @@ def choose(roles: list[Role], *, dtype: str, forced: str | None = None, cache: P
 
 def _forced(roles: list[Role], kernel: str, dtype: str) -> Choice:
     if not any(kernel in r.candidates for r in roles):
-        runnable = sorted({k for r in roles for k in r.candidates}, key=(FLOAT + INT8).index)
+        runnable = sorted({k for r in roles for k in r.candidates}, key=sum(KINDS, ()).index)
         raise UsageError(f"the forced kernel {kernel!r} does not run {dtype} weights here; use one of {', '.join(runnable)}")
     return Choice(dtype, {r.key: kernel if kernel in r.candidates else r.candidates[0] for r in roles}, "forced")
 

@@ -222,11 +222,12 @@ def resolve_dtype(dtype: str, device: str):
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    if dtype == "int8":  # int8 weights, float32 activations (GPT2's int8 mode)
+    if dtype in QUANTIZED:  # quantized weights, float32 activations
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+QUANTIZED = ("int8", "int4")  # --dtype values that are weight formats (`wmgen.formats`)
 KV_BFLOAT16 = bool({"avx512_bf16", "amx_bf16"} & kernels.cpu_flags())  # the CPU multiplies bfloat16 natively
 VALUE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes of one stored key or value element
 
@@ -234,14 +235,14 @@ VALUE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes of one stored
 def kv_dtype(dtype: str, device: str) -> str:
     """The dtype keys and values are stored in (its name: float32, bfloat16 or
     float16) by a model loaded with the settings' `dtype` (auto, float32, bfloat16,
-    float16, int8) on `device` (auto, cpu, cuda, mps): its activations', except in
-    int8 mode on a CPU with native bfloat16 arithmetic, where bfloat16 halves what
-    attention reads at a long context (on gpt2 at 900 tokens, a step 18% shorter;
-    int8 is approximate already, and its fidelity to float32 did not move).
+    float16, int8, int4) on `device` (auto, cpu, cuda, mps): its activations', except
+    for quantized weights on a CPU with native bfloat16 arithmetic, where bfloat16
+    halves what attention reads at a long context (on gpt2 at 900 tokens, a step 18%
+    shorter; int8 is approximate already, and its fidelity to float32 did not move).
 
     Reads no weights, and imports no torch unless only torch can tell (dtype auto
     where a CUDA device may be present), so a preview says what a run will hold."""
-    if dtype == "int8":  # int8 runs on the CPU only
+    if dtype in QUANTIZED:  # quantized weights run on the CPU only
         return "bfloat16" if KV_BFLOAT16 else "float32"
     if dtype != "auto":
         return dtype
@@ -259,13 +260,21 @@ def _may_have_cuda() -> bool:
     return True
 
 
-def check_int8(device: str) -> None:
-    from wmgen.gpt2 import int8_available
+def check_quantized(dtype: str, device: str, info: ModelInfo | None = None) -> None:
+    """That `--dtype int8` or `int4` can run on `device` with this torch (and, given
+    `info`, on this checkpoint's shapes)."""
+    from wmgen.formats import Int4, available
 
     if device != "cpu":
-        raise UsageError(f"--dtype int8 runs on the CPU only; add --device cpu (or use bfloat16 on {device})")
-    if not int8_available():
-        raise UsageError("--dtype int8 needs one of torch's int8 kernels (fbgemm, oneDNN or int8pack), which this torch lacks; use --dtype float32")
+        raise UsageError(f"--dtype {dtype} runs on the CPU only; add --device cpu (or use bfloat16 on {device})")
+    if not available(dtype):
+        kernels = "one of torch's int8 kernels (fbgemm, oneDNN or int8pack)" if dtype == "int8" else "torch's 4-bit kernel (_weight_int4pack_mm_for_cpu)"
+        raise UsageError(f"--dtype {dtype} needs {kernels}, which this torch lacks; use --dtype float32")
+    if dtype == "int4" and info is not None:
+        inner = info.n_inner or 4 * info.n_embd
+        if info.n_embd % Int4.GROUP or inner % Int4.GROUP:
+            raise UsageError(f"--dtype int4 quantizes groups of {Int4.GROUP} inputs, and this model's n_embd {info.n_embd} "
+                             f"(or inner size {inner}) is not a multiple of {Int4.GROUP}; use --dtype int8")
 
 
 def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto", forced_kernels: tuple[str, ...] = (),
@@ -276,10 +285,10 @@ def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto", fo
 
     from wmgen.gpt2 import GPT2, GPT2Config
 
-    device = "cpu" if dtype == "int8" and device == "auto" else resolve_device(device)
+    device = "cpu" if dtype in QUANTIZED and device == "auto" else resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    if dtype == "int8":
-        check_int8(device)
+    if dtype in QUANTIZED:
+        check_quantized(dtype, device, info)
     weights_path = info.folder / "model.safetensors"
     if not os.path.lexists(weights_path):
         if any(info.folder.glob("*.bin")):
@@ -302,7 +311,7 @@ def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto", fo
         check = lambda tensors: check_weights(info, weights_path, tensors)  # noqa: E731
         weights = read_safetensors(weights_path, dtype=torch_dtype, device=device, check=check)
         try:
-            return GPT2(config, weights, int8=dtype == "int8", kv_dtype=getattr(torch, kv_dtype(dtype, device)),
+            return GPT2(config, weights, weight_format=dtype if dtype in QUANTIZED else None, kv_dtype=getattr(torch, kv_dtype(dtype, device)),
                         forced_kernels=forced_kernels, kernel_cache=kernel_cache)
         except KeyError as e:
             raise ModelError(f"{weights_path} lacks the GPT-2 weight {e}") from None

@@ -12,7 +12,7 @@ import typer
 POLICY_HELP = ("What a full memory forgets: oldest (default), boundary (the oldest, cut at the end of a sentence or line) "
                "or attention (the least attended, keeping --recent tokens).")
 RECENT_HELP = "With --policy attention: the most recent tokens, always kept. (default: half of capacity - keep)"
-DTYPE_HELP = "auto, float32, bfloat16, float16, or int8 (opt-in, CPU: int8 weights, 2-2.7x faster, approximate; see README)."
+DTYPE_HELP = "auto, float32, bfloat16, float16, int8 or int4 (opt-in, CPU: quantized weights, faster and smaller, approximate; see README)."
 
 # sampling and the run
 MaxNewTokens = Annotated[Optional[int], typer.Option("-n", "--max-new-tokens", help="Tokens to generate at most. (default: 100)", show_default=False)]

@@ -26,7 +26,7 @@ from wmgen import files
 from wmgen.errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
 
 # `WMGEN_*` variables that are not settings (KERNELS forces the kernels a model
 # runs through; see wmgen.kernels).
