@@ -244,7 +244,7 @@ BAD_INPUTS = [
     ("evict-above-rolling-part", ["--capacity", "8", "--keep", "2", "--evict", "7"], 2, ["evict"]),
     ("unknown-preset", ["--config", "no-such-preset"], 2, ["no-such-preset"]),
     ("unknown-device", ["--device", "tpu"], 2, ["tpu"]),
-    ("unknown-dtype", ["--dtype", "int4"], 2, ["int4"]),
+    ("unknown-dtype", ["--dtype", "int3"], 2, ["int3"]),
     ("unknown-option", ["--no-such-option"], 2, ["--no-such-option"]),
     ("non-integer-count", ["-n", "many"], 2, ["max-new-tokens", "int"]),
     ("option-without-value", ["--stop"], 2, ["--stop"]),

@@ -250,7 +250,7 @@ BAD_FILE_VALUES = [
     ("keep", -1),
     ("keep", "all"),
     ("device", "tpu"),
-    ("dtype", "int4"),
+    ("dtype", "int3"),
     ("ignore_eos", "maybe"),
     ("stop", 3),
     ("seed", "lucky"),

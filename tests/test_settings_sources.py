@@ -239,7 +239,7 @@ def test_negative_zero_temperature_is_plain_greedy(empty_home):
 
 @pytest.mark.parametrize("key", list(WHERE))
 def test_a_bad_config_file_value_is_reported_though_a_flag_overrides_it(tmp_path, empty_home, key):
-    bad = {"model": "", "device": "tpu", "dtype": "int4", "capacity": 1, "keep": -1, "evict": 0, "policy": "newest",
+    bad = {"model": "", "device": "tpu", "dtype": "int3", "capacity": 1, "keep": -1, "evict": 0, "policy": "newest",
            "recent": -1, "temperature": -1.0,
            "top_k": -1, "top_p": 1.5, "repetition_penalty": 0.0, "seed": "lucky", "max_new_tokens": -1, "stop": 3,
            "ignore_eos": "maybe"}[key]

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from wmgen.window import Shape
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
-RUN_KEYS = ("max_new_tokens", "stop", "ignore_eos")
+RUN_KEYS = ("max_new_tokens", "stop", "ignore_eos", "lookahead")
 SHAPE_KEYS = ("capacity", "keep", "evict", "policy", "recent")
 EMPTY_PROMPT = "the prompt is empty; give some text, or from_scratch=True to start from <|endoftext|>"
 
@@ -264,7 +264,8 @@ class Model:
         and the memory is left holding the result; without, a fresh memory is made
         (`capacity`, `keep`, `evict` may shape it). `options`: `max_new_tokens`,
         `temperature` (0 is greedy), `top_k`, `top_p`, `repetition_penalty`, `seed`,
-        `stop` (a string or strings), `ignore_eos`; the model's settings otherwise.
+        `stop` (a string or strings), `ignore_eos`, `lookahead` (draft tokens per step, see
+        `wmgen.lookup`); the model's settings otherwise.
         `should_stop()` is asked between tokens. Stopping early (break, an exception,
         Ctrl-C) leaves the memory consistent: the tokens read so far are in it."""
         from wmgen.generation import generate

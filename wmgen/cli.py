@@ -309,6 +309,7 @@ def generate(
     seed: options.Seed = None,
     stop: options.Stop = None,
     ignore_eos: options.IgnoreEos = None,
+    lookahead: options.Lookahead = None,
     capacity: options.Capacity = None,
     keep: options.Keep = None,
     evict: options.Evict = None,
@@ -349,7 +350,7 @@ def generate(
     DEBUG["on"] = DEBUG["on"] or debug
     flags = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos,
+        repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos, lookahead=lookahead,
         capacity=capacity, keep=keep, evict=evict, policy=policy, recent=recent, model=model, device=device, dtype=dtype,
     )
     state = state_dir(os.environ)

@@ -54,6 +54,8 @@ class Finished:
     fill: int
     capacity: int
     row: int = 0
+    drafted: int = 0  # lookahead: draft tokens checked (`wmgen.lookup`)
+    accepted: int = 0  # of them, those kept
 
     @property
     def tokens_per_s(self) -> float:

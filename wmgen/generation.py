@@ -10,7 +10,9 @@ from time import perf_counter
 
 from torch import Tensor
 
+from wmgen import lookup
 from wmgen.events import Event, Evicted, Finished, Generation, Started, Token
+from wmgen.lookup import Pace
 from wmgen.memory import GENERATED, PROMPT, MemoryBatch, WorkingMemory
 from wmgen.sampling import choose, logprob, new_generator, top_logprobs
 from wmgen.settings import RunSettings, Sampling
@@ -75,6 +77,8 @@ class Row:
         self.cancelled = False  # set from anywhere: the row stops at the next step ("interrupted")
         self.score_prompt = False  # keep the logits after every prompt token (`prompt_logits`); the prompt must fit
         self.prompt_logits: Tensor | None = None
+        self.pace = Pace(run.lookahead) if run.lookahead and lookup_fits(memory, sampling) else None
+        self.held: int | None = None  # a token already chosen (where a draft was refused), read at the next step
 
     def finish(self) -> Finished:
         tail = "" if self.reason == "stop" else finish_text(self.stream, self.stop)
@@ -83,7 +87,7 @@ class Row:
             reason=self.reason or "length", text=tail, prompt_tokens=len(self.prompt_ids), generated=self.generated,
             prefill_s=self.prefill_s, first_token_s=self.first_token_s, elapsed_s=perf_counter() - self.t0,
             evictions=c.evictions, evicted=c.evicted, recomputed=c.recomputed, fill=m.fill, capacity=m.capacity,
-            row=self.index,
+            row=self.index, drafted=self.pace.drafted if self.pace else 0, accepted=self.pace.accepted if self.pace else 0,
         )
 
 
@@ -194,8 +198,11 @@ class Loop:
         return self._leave()
 
     def step(self) -> list[Event]:
-        """One token for every row still running; the events of the step, with a
-        `Finished` for each row that ended in it."""
+        """One token for every row still running (or more, for a row alone that
+        looks ahead); the events of the step, with a `Finished` for each row that
+        ended in it."""
+        if len(self.rows) == 1 and self.places == 1 and self.rows[0].pace is not None:
+            return self._look_ahead(self.rows[0])
         tokens: list[int | None] = [None] * self.places
         lps: list[float | None] = [None] * self.places
         compute = [False] * self.places
@@ -243,10 +250,90 @@ class Loop:
                     row.reason = "length"
         return events + self._leave()
 
+    def _look_ahead(self, row: Row) -> list[Event]:
+        """A step of a row alone that drafts (`wmgen.lookup`): the next token, and
+        the draft the memory suggests after it, read in one pass; kept up to the
+        first draft token that the token chosen at its place (as a plain step would
+        choose it, with the same random draw) differs from. That chosen token is held
+        for the next step. A draft never reaches past the memory's free slots, so
+        the memory evicts exactly where a plain run's does, and a plain step is
+        taken where it must evict."""
+        m, run, pace = row.memory, row.run, row.pace
+        assert pace is not None and row.logits is not None
+        if row.cancelled or row.generated >= run.max_new_tokens:
+            row.reason = row.reason or ("interrupted" if row.cancelled else "length")
+            return self._leave()
+        token = row.held if row.held is not None else self._choose(row, row.logits, m.tokens)
+        row.held = None
+        if token == self.eos and not run.ignore_eos:
+            row.reason = "eos"
+            return self._leave()
+        if row.generated == 0:
+            row.first_token_s = perf_counter() - row.t0
+        left = run.max_new_tokens - row.generated - 1  # tokens still to come after this one
+        room = m.capacity - m.fill - 1  # free slots after this one's
+        found, matched = lookup.draft(m.tokens + [token], min(left, room)) if left > 0 and room > 0 else ([], 0)
+        ids = [token] + found[: pace.length(len(found), matched)]
+        lps = [logprob(row.logits, token)]
+        tops = [top_logprobs(row.logits, row.alternatives) if row.alternatives else []]
+        before = (m.counters.evicted, m.counters.recomputed)
+        start = perf_counter()
+        if len(ids) == 1:
+            next_logits = m.append(token, origin=GENERATED, logprob=lps[0], compute=left > 0)
+            pace.passed(1, perf_counter() - start)
+            accepted = ids
+        else:
+            logits = m.feed(ids, origin=GENERATED, logprobs=[lps[0]] + [None] * (len(ids) - 1), all_logits=True, alone=True)
+            assert logits is not None
+            pace.passed(len(ids), perf_counter() - start)
+            history = m.tokens
+            accepted = [token]
+            for i, proposed in enumerate(ids[1:]):
+                chosen = self._choose(row, logits[i], history[: len(history) - len(ids) + i + 1])
+                if chosen != proposed or (chosen == self.eos and not run.ignore_eos):
+                    row.held = chosen
+                    break
+                accepted.append(chosen)
+                lps.append(logprob(logits[i], chosen))
+                tops.append(top_logprobs(logits[i], row.alternatives) if row.alternatives else [])
+            pace.checked(matched, len(ids) - 1, len(accepted) - 1)
+            m.take_back(len(ids) - len(accepted), logprobs=lps)
+            next_logits = logits[len(accepted) - 1]
+        row.logits = next_logits
+        events: list[Event] = []
+        evicted = m.counters.evicted - before[0]
+        if evicted:
+            events.append(Evicted(evicted=evicted, recomputed=m.counters.recomputed - before[1], fill=m.fill,
+                                  row=row.index, positions=m.last_evicted))
+        for n, (chosen, lp, top) in enumerate(zip(accepted, lps, tops)):
+            row.top = top
+            piece, stopped = row.stop.push(row.stream.push(chosen))
+            events.append(Token(index=row.generated, id=chosen, text=piece, logprob=lp, fill=m.fill - (len(accepted) - 1 - n),
+                                evicted=evicted if n == 0 else 0, row=row.index))
+            row.generated += 1
+            if stopped:  # a plain run's memory ends at the token that completed the stop text
+                row.reason, row.held = "stop", None
+                m.take_back(len(accepted) - 1 - n)
+                break
+        if row.reason is None and row.generated >= run.max_new_tokens:
+            row.reason = "length"
+        return events + self._leave()
+
+    @staticmethod
+    def _choose(row: Row, logits: Tensor, history: Sequence[int]) -> int:
+        return choose(logits, row.sampling, row.generator, history if row.sampling.repetition_penalty != 1 else ())
+
     def _leave(self) -> list[Event]:
         done = [row for row in self.rows if row.reason is not None]
         self.rows = [row for row in self.rows if row.reason is None]
         return [row.finish() for row in done]
+
+
+def lookup_fits(memory: WorkingMemory, sampling: Sampling) -> bool:
+    """Whether a run on `memory` can look ahead and stay exact: not where the memory
+    traces each step, nor under a policy that scores slots by the attention new
+    tokens give them (a draft token taken back would have scored them)."""
+    return memory.trace is None and not memory.policy.scores
 
 
 def finish_text(stream: TextStream, stop: StopText) -> str:

@@ -253,6 +253,7 @@ class GPT2:
         attention_out: list[Tensor] | None = None,
         received: Tensor | None = None,
         queries: Sequence[int] = (),
+        alone: bool = False,
     ) -> Tensor:
         """Hidden states `[B, T, E]` (after the final layer norm) for `ids` `[B, T]`
         placed at slots and positions `start..start+T-1`.
@@ -263,7 +264,9 @@ class GPT2:
         slots, `[B, H, start+T]`, are appended to it per layer. When `received` is a
         float32 `[B, start+T]` tensor, the attention that the `queries` (indices
         into this pass's T tokens) give each slot before their own is added to it,
-        summed over queries, heads and layers (causal passes only).
+        summed over queries, heads and layers (causal passes only). With `alone`,
+        each token's activations are quantized on their own (dynamic int8), as a
+        one-token step quantizes them.
         """
         cfg = self.config
         B, T = ids.shape
@@ -275,7 +278,7 @@ class GPT2:
         if attn_mask is None and T > 1 and start > 0:
             attn_mask = causal_mask(T, start, self.device)
         causal = attn_mask is None and T > 1
-        group = GROUP if B == 1 else 1  # dynamic int8 never quantizes two sequences together
+        group = GROUP if B == 1 and not alone else 1  # dynamic int8 never quantizes two sequences together
         eps = cfg.layer_norm_epsilon
         scoring = received is not None and len(queries) > 0
         own = torch.full((B,), end - 1, device=self.device) if scoring and T == 1 else None

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from wmgen import edits, policies
 from wmgen.errors import UsageError
+from wmgen.formats import GROUP
 from wmgen.gpt2 import GPT2, KVStore
 from wmgen.policies import Slot
 from wmgen.snapshot import Snapshot, describe, slots_of
@@ -186,12 +187,15 @@ class WorkingMemory:
         logprobs: Sequence[float | None] | None = None,
         all_logits: bool = False,
         compute: bool = True,
+        alone: bool = False,
     ) -> Tensor | None:
         """Read tokens as if appended one at a time (evicting as it goes), in as few
         batched forward passes as the evictions allow. Returns the logits for the
         token after the last one `[V]`, or with `all_logits` after each one `[T, V]`.
         With `compute=False` the tokens are only recorded (evicting as needed); the
-        next pass that needs them computes their keys and values."""
+        next pass that needs them computes their keys and values. With `alone`, no
+        token's activations share a quantization scale with another's (dynamic
+        int8), so each token's logits are those one-token steps would give."""
         ids = list(ids)
         if not ids:
             raise ValueError("feed needs at least one token")
@@ -207,7 +211,7 @@ class WorkingMemory:
                 n = min(self.capacity - self.fill, len(ids) - i)
                 self._add(ids[i : i + n], origin, logprobs[i : i + n])
                 if compute:
-                    out.append(self._forward(n if all_logits else 1))
+                    out.append(self._forward(n if all_logits else 1, alone=alone))
                 i += n
             if not compute:
                 return None
@@ -240,6 +244,20 @@ class WorkingMemory:
             unread = len(drop) - from_memory
             self.counters.seen -= unread
             return self._forward(1)[-1], unread
+
+    def take_back(self, n: int, *, logprobs: Sequence[float] = ()) -> None:
+        """Drop the last `n` slots, read by the last pass and not wanted after all
+        (a draft's tokens past the first the model would not choose), as if they had
+        never been read; their keys and values are overwritten by the next pass.
+        `logprobs`, when given, become those of the slots then last (a draft's kept
+        tokens, whose log-probabilities the pass itself gave)."""
+        with self.claimed():
+            if n:
+                del self.slots[len(self.slots) - n :]
+                self.counters.seen -= n
+                self.stale = min(self.stale, self.fill)
+            for slot, lp in zip(self.slots[len(self.slots) - len(logprobs) :], logprobs):
+                slot.logprob = lp
 
     def logits(self) -> Tensor:
         """The logits `[V]` for the token after what the memory holds, computing
@@ -449,7 +467,7 @@ class WorkingMemory:
         self.stale = min(self.stale, indices[0])
 
     @torch.inference_mode()
-    def _forward(self, last: int, attention_out: list[Tensor] | None = None) -> Tensor:
+    def _forward(self, last: int, attention_out: list[Tensor] | None = None, alone: bool = False) -> Tensor:
         """Compute keys/values for every slot from `stale` on (stale ones again, new
         ones for the first time); the float32 logits of the last `last` slots."""
         start = min(self.stale, self.fill - last)  # the logits wanted need their slots run
@@ -457,13 +475,13 @@ class WorkingMemory:
         fresh = [i for i in range(start, self.fill) if self.slots[i].new]
         received = torch.zeros(1, self.fill, device=self.model.device) if self.policy.scores and fresh else None
         hidden = self.model.forward(ids, start, self.store, received=received, queries=[i - start for i in fresh],
-                                    attention_out=attention_out)
+                                    attention_out=attention_out, alone=alone)
         # counted once the pass is done: an interrupted pass leaves them to the next
         self.counters.recomputed += self.fill - start - len(fresh)
         self.mark_computed()
         if received is not None:
             self.credit(received[0], fresh)
-        return self.model.logits(hidden[0, -last:]).float()
+        return self.model.logits(hidden[0, -last:], group=1 if alone else GROUP).float()
 
     def credit(self, received: Tensor, new: Sequence[int]) -> None:
         """Add to each slot the attention the queries of the slots `new` gave it:

@@ -22,6 +22,7 @@ TopP = Annotated[Optional[float], typer.Option("--top-p", help="Sample from the 
 RepetitionPenalty = Annotated[Optional[float], typer.Option("--repetition-penalty", help="Penalise tokens already in memory (> 1 discourages repeats); 1 is off.", show_default=False)]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling: same seed and settings, same text.", show_default=False)]
 Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text appears (not printed). Repeatable.", show_default=False)]
+Lookahead = Annotated[Optional[int], typer.Option("--lookahead", help="Draft up to N tokens per step from text already in memory and check them in one pass (lookup decoding): the same tokens, faster on text that repeats its input; 0 is off. (default: 0)", show_default=False)]
 IgnoreEos = Annotated[Optional[bool], typer.Option("--ignore-eos", help="Keep going past <|endoftext|>.", show_default=False)]
 
 # the memory's shape

@@ -147,6 +147,7 @@ def stats_line(f: Finished) -> str:
         f"first token {f.first_token_s:.2f} s · {f.tokens_per_s:.1f} tokens/s · "
         f"evictions {f.evictions} ({f.evicted} evicted, {f.recomputed} recomputed) · "
         f"fill {f.fill}/{f.capacity} · stop: {f.reason}"
+        + (f" · lookahead kept {f.accepted} of {f.drafted} draft tokens" if f.drafted else "")
     )
 
 

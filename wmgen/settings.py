@@ -36,6 +36,7 @@ POLICIES = ("oldest", "boundary", "attention")  # wmgen.policies.POLICIES, witho
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few lines; anything this big is a mistake
 LARGEST_COUNT = 2**63 - 1  # counts and seeds fit in 64 bits (TOML's integers, torch's)
 MAX_NEW_TOKENS = 10**9  # days of generation at any speed; beyond it a typo, not a wish
+MAX_LOOKAHEAD = 64  # draft tokens: past ~8 a check costs more than it can win
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class RunSettings:
     max_new_tokens: int = 100
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    lookahead: int = 0  # draft tokens checked per step at most (`wmgen.lookup`); 0: off
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ KEYS: dict[str, tuple[str, str]] = {
     "max_new_tokens": ("run", "max_new_tokens"),
     "stop": ("run", "stop"),
     "ignore_eos": ("run", "ignore_eos"),
+    "lookahead": ("run", "lookahead"),
 }
 SECTION_CLASSES = {"model": ModelSettings, "memory": MemorySettings, "sampling": Sampling, "run": RunSettings}
 
@@ -416,7 +419,8 @@ def coerce(key: str, value, where: str):
     temperature a finite number >= 0; top_k an integer >= 0 (0, or any count at or
     above the vocabulary, keeps every token); top_p finite in (0, 1];
     repetition_penalty finite > 0; seed 0..2**63 - 1 or "random"; max_new_tokens
-    0..10**9; stop a string or a list of strings; ignore_eos a boolean. Counts are
+    0..10**9; stop a string or a list of strings; ignore_eos a boolean; lookahead
+    0..64. Counts are
     at most 2**63 - 1; NaN and infinities are refused everywhere."""
     for text in _texts(value):
         check_utf8(text, where)
@@ -474,6 +478,11 @@ def coerce(key: str, value, where: str):
         return _stop(value, where)
     if key == "ignore_eos":
         return _bool(value, where)
+    if key == "lookahead":
+        n = _int(value, where)
+        if not 0 <= n <= MAX_LOOKAHEAD:
+            raise UsageError(f"{where}: lookahead {n} must be between 0 (off) and {MAX_LOOKAHEAD} draft tokens")
+        return n
     raise KeyError(key)
 
 
@@ -484,7 +493,7 @@ def coerce(key: str, value, where: str):
 # argument as the caller wrote it (`key` is set where the argument is a setting).
 
 NUMBER_KEYS = ("temperature", "top_p", "repetition_penalty")
-COUNT_KEYS = ("capacity", "keep", "evict", "recent", "top_k", "seed", "max_new_tokens")
+COUNT_KEYS = ("capacity", "keep", "evict", "recent", "top_k", "seed", "max_new_tokens", "lookahead")
 WORDS = {"capacity": ("auto",), "evict": ("auto",), "recent": ("auto",), "keep": ("prompt",), "seed": ("random",)}
 
 
