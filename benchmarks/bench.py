@@ -4,6 +4,8 @@
     python benchmarks/bench.py --only decode  # one part: decode, long, sweep,
                                               # ceiling, int8, policies, startup (or batch)
     python benchmarks/bench.py --model PATH   # a real checkpoint folder instead
+    python benchmarks/bench.py --only llama --llama-bench PATH/llama-bench
+                                              # llama.cpp on the same weights, same sitting
 
 By default it uses a randomly initialised model of the exact `gpt2` shape
 (GPT2Config() defaults) with the real GPT-2 tokenizer from ../shared/tokenizers/gpt2,
@@ -37,7 +39,9 @@ HELDOUT = SHARED / "data" / "python-docs-heldout" / "heldout.txt"
 CHART = HERE / "long-generation.png"
 GREEDY = {"temperature": 0.0, "top_p": 1.0}
 SAMPLED = {"temperature": 1.0, "top_p": 0.9}  # on random weights the nucleus is most of the vocabulary
-PARTS = ("decode", "long", "sweep", "ceiling", "int8", "policies", "startup")
+PARTS = ("decode", "long", "sweep", "ceiling", "int8", "policies", "startup")  # and, asked for: batch, llama
+LLAMA_FORMATS = (("f32", "float32"), ("q8_0", "int8"), ("q4_0", "int4"))  # llama.cpp's type, wmgen's --dtype
+DEPTH, DEEP_TOKENS = 900, 64  # the long-context run: depth + tokens stay under gpt2's 1024 positions
 
 
 def build_model() -> Path:
@@ -67,6 +71,7 @@ class Bench:
         self.lm = wmgen.load(str(folder), device="cpu", dtype="float32")
         self.tokenizer, self.model = self.lm.tokenizer, self.lm.network
         self._lm8 = None
+        self._quantized: dict = {}
         self.hf = GPT2LMHeadModel.from_pretrained(folder).eval()
         self.exact_rate: float | None = None  # the exact sliding window's, once measured
 
@@ -82,6 +87,18 @@ class Bench:
     @property
     def int8(self):
         return self.lm8.network
+
+    def lm_in(self, dtype: str):
+        """The checkpoint with `--dtype dtype` (loaded once)."""
+        if dtype == "float32":
+            return self.lm
+        if dtype == "int8":
+            return self.lm8
+        if dtype not in self._quantized:
+            import wmgen
+
+            self._quantized[dtype] = wmgen.load(str(self.folder), device="cpu", dtype=dtype)
+        return self._quantized[dtype]
 
     def wmgen(self, prompt: list[int], n: int, *, evict: int | None = None, lm=None, capacity: int = 1024,
               policy: str = "oldest", sampling: dict = GREEDY) -> list[float]:
@@ -144,17 +161,20 @@ def prompt_of(n: int) -> list[int]:
 
 def bench_decode(b: Bench, reps: int) -> list[tuple]:
     """Greedy decode at a short and a long context, and sampled decode (temperature
-    1, top-p 0.9) at the short one, in float32 and int8 against `model.generate()`."""
+    1, top-p 0.9) at the short one, in float32, int8 and int4 against `model.generate()`."""
     rows = []
     for context, sampling, how in ((32, GREEDY, ""), (900, GREEDY, ""), (32, SAMPLED, ", sampling: -t 1 --top-p 0.9")):
-        prompt, runs = prompt_of(context), {"wmgen": [], "int8": [], "hf": []}
+        prompt, runs = prompt_of(context), {"wmgen": [], "hf": [], **{dtype: [] for dtype in QUANTIZED}}
         for _ in range(reps):  # interleaved
             runs["wmgen"].append(decode_rate(b.wmgen(prompt, 72, sampling=sampling)))
             runs["hf"].append(decode_rate(b.transformers(prompt, 72, sampling)[0]))
-            runs["int8"].append(decode_rate(b.wmgen(prompt, 72, lm=b.lm8, sampling=sampling)))
-        w, h, q = (statistics.median(runs[k]) for k in ("wmgen", "hf", "int8"))
+            for dtype in QUANTIZED:
+                runs[dtype].append(decode_rate(b.wmgen(prompt, 72, lm=b.lm_in(dtype), sampling=sampling)))
+        w, h = (statistics.median(runs[k]) for k in ("wmgen", "hf"))
         rows.append((f"decode, {context}-token context{how}", f"{w:.1f}", f"{h:.1f}", f"{w / h:.2f}×"))
-        rows.append((f"decode, {context}-token context{how}, `--dtype int8`", f"{q:.1f}", f"{h:.1f}", f"{q / h:.2f}×"))
+        for dtype in QUANTIZED:
+            q = statistics.median(runs[dtype])
+            rows.append((f"decode, {context}-token context{how}, `--dtype {dtype}`", f"{q:.1f}", f"{h:.1f}", f"{q / h:.2f}×"))
     return rows
 
 
@@ -254,7 +274,8 @@ def bench_ceiling(b: Bench, reps: int = 3) -> list[tuple]:
     bandwidth ÷ weight bytes. Each bandwidth reading is paired with decode runs
     right beside it, since a shared machine's bandwidth moves from minute to minute."""
     rows = []
-    for name, lm in (("float32", b.lm), ("int8", b.lm8)):
+    for name in ("float32", *QUANTIZED):
+        lm = b.lm_in(name)
         model, pairs = lm.network, []
         for _ in range(reps):
             speed = decode_rate(b.wmgen(prompt_of(32), 72, lm=lm))
@@ -267,55 +288,64 @@ def bench_ceiling(b: Bench, reps: int = 3) -> list[tuple]:
 
 
 def bench_int8(b: Bench, windows: int = 2, width: int = 512) -> list[tuple]:
-    """Fidelity of --dtype int8: next-token distributions vs float32 on the same
-    weights, both as generation sees them (one token per step) and as a prompt read
-    in one pass sees them (activations in groups of 16). On the benchmark's model over
-    WikiText-2 test text (the size of the quantization noise: its distributions are
-    nearly flat), and on pydoc-small over its held-out text, with perplexity (what the
-    noise does to a trained model)."""
+    """Fidelity of --dtype int8 and int4: next-token distributions vs float32 on the
+    same weights, both as generation sees them (one token per step) and as a prompt
+    read in one pass sees them (int8: activations in groups of 16). On the
+    benchmark's model over WikiText-2 test text (the size of the quantization noise:
+    its distributions are nearly flat), and on pydoc-small over its held-out text,
+    with perplexity (what the noise does to a trained model)."""
     import wmgen
 
     rows = []
     if WIKITEXT.is_file():
         ids = b.tokenizer.encode(WIKITEXT.read_text(encoding="utf-8")[: 6_000 * windows])[: windows * width]
-        rows += fidelity_rows(f"{b.folder.name}, {len(ids)} WikiText-2 tokens", b.model, b.int8, ids, width)
+        for dtype in QUANTIZED:
+            rows += fidelity_rows(f"{b.folder.name}, {len(ids)} WikiText-2 tokens", dtype, b.model, b.lm_in(dtype).network, ids, width)
     else:
-        rows.append(("int8 fidelity", "skipped: no WikiText-2 at " + str(WIKITEXT), "", ""))
+        rows.append(("quantized fidelity", "skipped: no WikiText-2 at " + str(WIKITEXT), "", ""))
     if not (PYDOC / "model.safetensors").is_file():
-        return rows + [("int8 on pydoc-small", "skipped: no model at " + str(PYDOC), "", "")]
-    small, small8 = (wmgen.load(str(PYDOC), device="cpu", dtype=dtype) for dtype in ("float32", "int8"))
+        return rows + [("quantized on pydoc-small", "skipped: no model at " + str(PYDOC), "", "")]
+    small = {dtype: wmgen.load(str(PYDOC), device="cpu", dtype=dtype) for dtype in ("float32", *QUANTIZED)}
     text = HELDOUT.read_text(encoding="utf-8")
-    width = small.n_positions
-    ids = small.encode(text[: 12_000 * windows])[: windows * width]
-    rows += fidelity_rows(f"pydoc-small, {len(ids)} held-out tokens", small.network, small8.network, ids, width)
-    exact, quant = (lm.perplexity(text, max_tokens=20_000).perplexity for lm in (small, small8))
-    rows.append(("pydoc-small perplexity, first 20,000 held-out tokens (capacity 512, evict 128): int8 vs float32",
-                 f"{quant:.3f} vs {exact:.3f}", "", f"{quant / exact - 1:+.2%}"))
+    width = small["float32"].n_positions
+    ids = small["float32"].encode(text[: 12_000 * windows])[: windows * width]
+    for dtype in QUANTIZED:
+        rows += fidelity_rows(f"pydoc-small, {len(ids)} held-out tokens", dtype, small["float32"].network, small[dtype].network, ids, width)
+    four = fidelity_rows(f"pydoc-small, {len(ids)} held-out tokens", "int4", small["int8"].network, small["int4"].network, ids, width)
+    rows.append((four[0][0].replace("int4 vs float32", "int4 vs int8"), *four[0][1:]))
+    exact = small["float32"].perplexity(text, max_tokens=20_000).perplexity
+    for dtype in QUANTIZED:
+        quant = small[dtype].perplexity(text, max_tokens=20_000).perplexity
+        rows.append((f"pydoc-small perplexity, first 20,000 held-out tokens (capacity 512, evict 128): {dtype} vs float32",
+                     f"{quant:.3f} vs {exact:.3f}", "", f"{quant / exact - 1:+.2%}"))
     return rows
 
 
-def fidelity_rows(what: str, exact_model, int8_model, ids: list[int], width: int) -> list[tuple]:
-    """Mean KL, share of same top tokens and relative logit error of `int8_model`
-    against `exact_model` over `ids` in windows of `width`."""
+QUANTIZED = ("int8", "int4")
+
+
+def fidelity_rows(what: str, name: str, exact_model, quant_model, ids: list[int], width: int) -> list[tuple]:
+    """Mean KL, share of same top tokens and relative logit error of `quant_model`
+    (`--dtype name`) against `exact_model` over `ids` in windows of `width`."""
     stats = {"one token per step": [], "a prompt read at once": []}
     with torch.inference_mode():
         for w in range(0, len(ids), width):
             window = torch.tensor([ids[w : w + width]])
             exact = exact_model.logits(exact_model.forward(window, 0, exact_model.new_store(width))[0]).float()
-            q, store = int8_model, int8_model.new_store(width)
+            q, store = quant_model, quant_model.new_store(width)
             steps = torch.cat([q.logits(q.forward(window[:, i : i + 1], i, store)[0]) for i in range(window.shape[1])])
             whole = q.logits(q.forward(window, 0, q.new_store(width))[0])
-            for name, quant in (("one token per step", steps.float()), ("a prompt read at once", whole.float())):
+            for part, quant in (("one token per step", steps.float()), ("a prompt read at once", whole.float())):
                 p_log, q_log = exact.log_softmax(-1), quant.log_softmax(-1)
-                stats[name].append((
+                stats[part].append((
                     (p_log.exp() * (p_log - q_log)).sum(-1),
                     (exact.argmax(-1) == quant.argmax(-1)).float(),
                     (quant - exact).norm(dim=-1) / exact.norm(dim=-1),
                 ))
     rows = []
-    for name, parts in stats.items():
+    for part, parts in stats.items():
         kl, same, rel = (torch.cat(column).mean().item() for column in zip(*parts))
-        rows.append((f"int8 vs float32, {name}, {what}: mean KL (nats) · same top token · logit error ‖Δ‖/‖fp32‖",
+        rows.append((f"{name} vs float32, {part}, {what}: mean KL (nats) · same top token · logit error ‖Δ‖/‖fp32‖",
                      f"{kl:.1e} · {same:.1%} · {rel:.1%}", "", ""))
     return rows
 
@@ -409,6 +439,74 @@ def bench_policies(b: Bench, reps: int) -> list[tuple]:
     return rows
 
 
+def llama_files(binary: Path, folder: Path) -> dict[str, Path]:
+    """The benchmark's checkpoint as llama.cpp's GGUF files, one per format: converted
+    with the `convert_hf_to_gguf.py` of the source tree `binary` was built in
+    (build/bin/llama-bench), quantized with the `llama-quantize` beside it, and kept
+    in benchmarks/.cache/gguf/. The converter reads `n_ctx`, which transformers 5 no
+    longer writes, so it converts a copy of the folder whose config says it."""
+    import json
+
+    source = next((d for d in binary.resolve().parents if (d / "convert_hf_to_gguf.py").is_file()), None)
+    if source is None:
+        sys.exit(f"no convert_hf_to_gguf.py in the folders above {binary}: give the llama-bench built in a llama.cpp source tree")
+    out = HERE / ".cache" / "gguf"
+    out.mkdir(parents=True, exist_ok=True)
+    files = {kind: out / f"{folder.name}-{kind}.gguf" for kind, _ in LLAMA_FORMATS}
+    if not files["f32"].is_file():
+        copy = out / "hf"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(folder, copy)
+        config = json.loads((copy / "config.json").read_text())
+        config.setdefault("n_ctx", config.get("n_positions", 1024))
+        (copy / "config.json").write_text(json.dumps(config))
+        env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+        subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(copy), "--outtype", "f32",
+                        "--outfile", str(files["f32"])], check=True, env=env, capture_output=True)
+        shutil.rmtree(copy)
+    for kind, path in files.items():
+        if not path.is_file():
+            subprocess.run([str(binary.parent / "llama-quantize"), str(files["f32"]), str(path), kind.upper()],
+                           check=True, capture_output=True)
+    return files
+
+
+def llama_rate(binary: Path, model: Path, *args: str) -> float:
+    """llama-bench's median tokens/s over its samples (2 threads, generation only)."""
+    import json
+
+    done = subprocess.run([str(binary), "-m", str(model), "-t", str(torch.get_num_threads()), "-p", "0", "-r", "5", "-o", "json", *args],
+                          check=True, capture_output=True, text=True)
+    return statistics.median(json.loads(done.stdout)[0]["samples_ts"])
+
+
+def bench_llama(b: Bench, binary: Path | None, reps: int) -> list[tuple]:
+    """llama.cpp's `llama-bench` and wmgen on the same weights, interleaved in rounds:
+    tg128 (128 tokens after an empty context) against 128 greedy tokens after a
+    32-token prompt, and 64 tokens at a depth of 900 (flash attention off, its
+    faster setting on these CPUs) against 64 after a 900-token prompt; per format,
+    f32 / Q8_0 / Q4_0 against float32 / int8 / int4."""
+    if binary is None:
+        return [("llama.cpp", "skipped: give --llama-bench PATH (or WMGEN_LLAMA_BENCH) to a llama-bench built from source", "", "")]
+    files = llama_files(binary, b.folder)
+    runs: dict = {(kind, where): ([], []) for kind, _ in LLAMA_FORMATS for where in ("short", "deep")}
+    for _ in range(reps):
+        for kind, dtype in LLAMA_FORMATS:
+            lm = b.lm_in(dtype)
+            ours, theirs = runs[kind, "short"]
+            theirs.append(llama_rate(binary, files[kind], "-n", "128"))
+            ours.append(decode_rate(b.wmgen(prompt_of(32), 128, lm=lm)))
+            ours, theirs = runs[kind, "deep"]
+            theirs.append(llama_rate(binary, files[kind], "-n", str(DEEP_TOKENS), "-d", str(DEPTH), "-fa", "0"))
+            ours.append(decode_rate(b.wmgen(prompt_of(DEPTH), DEEP_TOKENS, lm=lm)))
+    rows = []
+    for kind, dtype in LLAMA_FORMATS:
+        for where, what in (("short", "short context (tg128)"), ("deep", f"at {DEPTH} tokens (-d {DEPTH} -fa 0)")):
+            ours, theirs = (statistics.median(r) for r in runs[kind, where])
+            rows.append((f"{dtype} vs llama.cpp {kind.upper()}, {what}", f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}×"))
+    return rows
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -421,22 +519,24 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def table(rows) -> str:
-    out = ["| what | wmgen | transformers | ratio |", "|---|---|---|---|"]
+def table(rows, against: str = "transformers") -> str:
+    out = [f"| what | wmgen | {against} | ratio |", "|---|---|---|---|"]
     out += [f"| {' | '.join(r)} |" for r in rows]
     return "\n".join(out)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=[*PARTS, "batch"], action="append", help="run only these parts (repeatable)")
+    p.add_argument("--only", choices=[*PARTS, "batch", "llama"], action="append", help="run only these parts (repeatable)")
     p.add_argument("--reps", type=int, default=3, help="repetitions for decode, startup and batch (default 3)")
     p.add_argument("--model", type=Path, help="a checkpoint folder to measure instead of the random gpt2-shaped model")
+    p.add_argument("--llama-bench", type=Path, default=os.environ.get("WMGEN_LLAMA_BENCH") or None,
+                   help="llama.cpp's llama-bench, built in its source tree, for the llama part (also WMGEN_LLAMA_BENCH)")
     args = p.parse_args()
     parts = args.only or PARTS
     t0 = time.perf_counter()
     b = Bench(args.model or build_model())
-    rows = []
+    rows, llama_rows = [], []
     for part in parts:
         print(f"[{time.perf_counter() - t0:5.0f} s] {part}", file=sys.stderr)
         if part == "decode":
@@ -455,11 +555,16 @@ def main() -> None:
             rows += bench_startup(b, args.reps)
         elif part == "batch":
             rows += bench_batch(b, args.reps)
+        elif part == "llama":
+            llama_rows = bench_llama(b, args.llama_bench, args.reps)
     print(f"machine: {machine()}; fp32 unless marked, batch 1, greedy unless marked; {time.perf_counter() - t0:.0f} s in all")
-    for lm in (b.lm, b._lm8):
+    for lm in (b.lm, b._lm8, *b._quantized.values()):
         if lm is not None:
             print(f"kernels: {lm.kernels}")
-    print(table(rows))
+    if rows:
+        print(table(rows))
+    if llama_rows:
+        print(table(llama_rows, against="llama.cpp"))
 
 
 if __name__ == "__main__":
