@@ -22,7 +22,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,15 @@ class Projection(Protocol):
     kernel: str
 
     def __call__(self, x: Tensor, group: int = GROUP) -> Tensor: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class Embedding(Protocol):
+    """Token embeddings `[N, E]` for ids `[N]`, and the bytes they hold of their own."""
+
+    def __call__(self, ids: Tensor) -> Tensor: ...
 
     @property
     def nbytes(self) -> int: ...
@@ -77,7 +86,8 @@ class Linear:
     def __init__(self, weight: Tensor, bias: Tensor | None, *, kernel: str = "addmm", rows: int = 1):
         self.kernel = kernel
         self.bias = bias
-        self.weight = self.packed = None
+        self.weight: Any = None  # the plain matrix, or
+        self.packed: Any = None  # oneDNN's blocked copy
         if kernel == "packed":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.t(), rows)  # rows: a layout hint
         elif kernel == "linear":
@@ -150,7 +160,10 @@ class Int8Linear:
         """From `quantize_rows` of the `[out, in]` weight."""
         self.kernel = kernel
         self.nbytes = q.nbytes + scale.nbytes + (bias.nbytes if bias is not None else 0)
-        self.q, self.scale, self.bias, self.packed = q, scale, bias, None
+        self.q: Any = q
+        self.scale: Any = scale
+        self.bias: Any = bias
+        self.packed: Any = None
         if kernel != "int8pack":
             self.packed = _prepack(q, scale, bias, kernel)
             self.q = self.scale = self.bias = None  # the packed copy is the one kept
@@ -202,7 +215,7 @@ def quantized_engine(engine: str | None):
         torch.backends.quantized.engine = before
 
 
-def convert(jobs: list[tuple], work: Callable[[object], object], threads: int = 2) -> list[tuple]:
+def convert(jobs: list, work: Callable[[object], object], threads: int = 2) -> list[tuple]:
     """`(*key, work(source))` for each job `(*key, source)`, in order, by `threads`
     threads taking the jobs one by one. Packing a weight for int8 runs on one core,
     without the GIL: two at a time take ~30% less time. A job is let go as soon as
@@ -323,12 +336,13 @@ class HeadRows:
     nbytes = 0  # the head's
 
     def __init__(self, head: Linear):
-        self.head = head
+        assert head.weight is not None, "a packed head cannot give rows"
+        self.head, self.weight = head, head.weight
 
     def __call__(self, ids: Tensor) -> Tensor:
         if self.head.kernel == "linear":
-            return self.head.weight[ids]  # [V, E]: rows
-        return self.head.weight[:, ids].t()
+            return self.weight[ids]  # [V, E]: rows
+        return self.weight[:, ids].t()
 
 
 class Int8Rows:
@@ -380,7 +394,7 @@ class Format:
     def build(self, kernel: str, *args) -> Projection:
         raise NotImplementedError
 
-    def embedding(self, head_args: tuple, head: Projection) -> Callable[[Tensor], Tensor]:
+    def embedding(self, head_args: tuple, head: Projection) -> Embedding:
         raise NotImplementedError
 
     def shape(self, args: tuple) -> tuple[int, int]:
