@@ -235,12 +235,15 @@ def test_the_cached_choice_is_the_one_used(tiny_dir, tmp_path, measured_here):
     assert {b.c_attn.kernel for b in model.blocks} == {"linear"} and model._head.kernel == "linear"
 
 
-@pytest.mark.parametrize("change", ["cpu", "threads", "torch", "dtype"])
+@pytest.mark.parametrize("change", ["cpu", "vector extensions", "threads", "torch", "dtype"])
 def test_another_machine_thread_count_torch_or_dtype_measures_again(tiny_dir, tmp_path, measured_here, monkeypatch, change):
     cache = tmp_path / "kernels.json"
     load(tiny_dir, kernel_cache=cache)
     if change == "cpu":
         monkeypatch.setattr(kernels, "cpu_model", lambda: "Another CPU")
+    elif change == "vector extensions":  # some virtual machines give CPUs of two generations one name
+        flags = kernels.cpu_flags()
+        monkeypatch.setattr(kernels, "cpu_flags", lambda: flags ^ {"avx512f"})
     elif change == "threads":
         monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
     elif change == "torch":
@@ -250,7 +253,8 @@ def test_another_machine_thread_count_torch_or_dtype_measures_again(tiny_dir, tm
         pytest.skip("no int8 kernels in this torch")
     again = load(tiny_dir, dtype, kernel_cache=cache)
     assert again.kernels.how == "measured" and again.kernels.saved
-    assert len(json.loads(cache.read_text())["kernels"]) == 10, "the first machine's entries are kept beside the new ones"
+    weights = [key for key in json.loads(cache.read_text())["kernels"] if "keys and values" not in key]
+    assert len(weights) == 10, "the first machine's entries are kept beside the new ones"
     assert load(tiny_dir, dtype, kernel_cache=cache).kernels.how == "cached"
 
 
@@ -306,6 +310,59 @@ def test_a_small_model_is_not_measured(tiny_dir, tmp_path):
     model = load(tiny_dir, kernel_cache=tmp_path / "kernels.json")
     assert model.kernels.how == "default" and set(model.kernels.kernels.values()) == {"addmm"}
     assert not (tmp_path / "kernels.json").exists()
+
+
+# --- the dtype keys and values are stored in ----------------------------------------------
+
+
+def slowed_store(monkeypatch, slow: str, repeats: int = 30) -> None:
+    """Attention over a store in `slow` made many times longer (it runs `repeats`
+    times), the other as measured."""
+    real = kernels._attention
+
+    def build(dtype, keys, values):
+        attend = real(dtype, keys, values)
+        return (lambda x: [attend(x) for _ in range(repeats)][-1]) if dtype == slow else attend
+
+    monkeypatch.setattr(kernels, "_attention", build)
+
+
+@pytest.mark.parametrize("slow", kernels.STORES)
+def test_keys_and_values_are_stored_in_the_dtype_whose_attention_measures_faster(tmp_path, measured_here, monkeypatch, slow):
+    slowed_store(monkeypatch, slow)
+    cache = tmp_path / "kernels.json"
+    first = kernels.store_dtype(4, 16, 128, cache)
+    faster = next(d for d in kernels.STORES if d != slow)
+    assert first.how == "measured" and first.saved and first.kernels == {"attention 4x16x128": faster}
+    assert first.timings["attention 4x16x128"][slow] > first.timings["attention 4x16x128"][faster]
+    again = kernels.store_dtype(4, 16, 128, cache)
+    assert again.how == "cached" and again.kernels == first.kernels
+    assert kernels.store_dtype(4, 16, 64, cache).how == "measured", "another shape is measured on its own"
+
+
+def test_a_store_dtype_whose_attention_is_wrong_is_never_chosen_however_fast(tmp_path, measured_here, monkeypatch):
+    slowed_store(monkeypatch, "float32")
+    real = kernels._attention
+    monkeypatch.setattr(kernels, "_attention", lambda dtype, k, v: (lambda x: real(dtype, k, v)(x) * 2) if dtype == "bfloat16" else real(dtype, k, v))
+    choice = kernels.store_dtype(4, 16, 128, tmp_path / "kernels.json")
+    assert choice.kernels == {"attention 4x16x128": "float32"} and set(choice.timings["attention 4x16x128"]) == {"float32"}
+
+
+def test_a_busy_machine_stores_float32_and_saves_no_store_choice(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "threads_share", lambda: 0.5)
+    slowed_store(monkeypatch, "float32")
+    choice = kernels.store_dtype(4, 16, 128, tmp_path / "kernels.json")
+    assert choice.kernels == {"attention 4x16x128": "float32"} and "busy" in choice.note
+    assert not (tmp_path / "kernels.json").exists()
+
+
+def test_without_native_bfloat16_quantized_weights_store_float32_without_measuring(monkeypatch):
+    from wmgen import model as loader
+
+    monkeypatch.setattr(loader, "KV_BFLOAT16", False)
+    monkeypatch.setattr(kernels, "store_dtype", lambda *a: pytest.fail("measured where bfloat16 is not native"))
+    assert loader.kv_dtype("int8", "cpu", (4, 16, 128)) == loader.kv_dtype("int4", "cpu", (4, 16, 128)) == "float32"
+    assert loader.kv_dtype("float32", "cpu", (4, 16, 128)) == "float32" and loader.kv_dtype("bfloat16", "cpu", (4, 16, 128)) == "bfloat16"
 
 
 # --- the command line --------------------------------------------------------------------

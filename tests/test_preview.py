@@ -5,6 +5,7 @@ key and value cost are what a run's store really holds, in int8 too."""
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -105,26 +106,35 @@ def store_bytes_per_token(network) -> int:
     return store.nbytes // store.slots
 
 
-@pytest.fixture(params=[False, True], ids=["float32-store", "bfloat16-store"])
+@pytest.fixture(params=["float32", "bfloat16"], ids=["float32-store", "bfloat16-store"])
 def int8_lm(request, tiny_dir, monkeypatch, one_torch_thread):
-    """An int8 model as loaded on a CPU without and with native bfloat16 (whose
-    keys and values are then stored in bfloat16)."""
+    """An int8 model as loaded on a CPU with native bfloat16 where attention over a
+    float32 or a bfloat16 store measures faster (the other made slower)."""
+    from wmgen import kernels
     from wmgen import model as loader
     from wmgen.formats import int8_available
 
     if not int8_available():
         pytest.skip("this torch has none of the int8 kernels, so --dtype int8 cannot run here")
-    monkeypatch.setattr(loader, "KV_BFLOAT16", request.param)
-    return wmgen.load(str(tiny_dir), device="cpu", dtype="int8")
+    monkeypatch.setattr(loader, "KV_BFLOAT16", True)
+    monkeypatch.setattr(kernels, "threads_share", lambda: 1.0)  # a quiet machine, whatever runs beside the tests
+    real = kernels._attention
+    slow = "bfloat16" if request.param == "float32" else "float32"
+    monkeypatch.setattr(kernels, "_attention", lambda d, k, v: (lambda x: [real(d, k, v)(x) for _ in range(30)][-1]) if d == slow else real(d, k, v))
+    loader._store_dtype.cache_clear()
+    lm = wmgen.load(str(tiny_dir), device="cpu", dtype="int8")
+    lm.stored = request.param
+    yield lm
+    loader._store_dtype.cache_clear()
 
 
 def test_the_kv_dtype_is_decided_in_one_place_for_the_network_and_the_preview(int8_lm):
     from wmgen import model as loader
+    from wmgen.settings import kernel_cache
 
-    decided = loader.kv_dtype("int8", "cpu")
-    assert decided == ("bfloat16" if loader.KV_BFLOAT16 else "float32")
+    decided = loader.kv_dtype("int8", "cpu", loader.store_shape(int8_lm.info), kernel_cache(os.environ))
+    assert decided == int8_lm.stored
     assert str(int8_lm.network.kv_dtype) == f"torch.{decided}"
-    assert loader.kv_dtype("float32", "cpu") == "float32" and loader.kv_dtype("bfloat16", "cpu") == "bfloat16"
 
 
 def test_an_int8_preview_says_what_the_store_really_costs_per_token(int8_lm):

@@ -414,7 +414,8 @@ class Model:
         that would not fit). It takes the shape `generate` would take, and refuses
         what `generate` would refuse, in the same words."""
         from wmgen import policies
-        from wmgen.model import VALUE_BYTES, kv_dtype
+        from wmgen.model import VALUE_BYTES, kv_dtype, store_shape
+        from wmgen.settings import kernel_cache
         from wmgen.snapshot import describe
         from wmgen.window import fit, kv_bytes_per_token
 
@@ -424,7 +425,8 @@ class Model:
         s = self._fresh_shape(*self._shape_values(capacity, keep, evict, policy, recent), len(ids))
         policy_ = policies.make(s.policy, evict=s.evict, recent=s.recent, token_bytes=self.tokenizer.token_bytes)
         kept, unread = fit([policies.Slot(t, "prompt", pinned=i < s.keep) for i, t in enumerate(ids)], s.capacity, policy_)
-        value_bytes = VALUE_BYTES[kv_dtype(self.settings.model.dtype, self.settings.model.device)]
+        value_bytes = VALUE_BYTES[kv_dtype(self.settings.model.dtype, self.settings.model.device, store_shape(self.info),
+                                           kernel_cache(os.environ))]
         snap = describe(
             kept, s, counters={"evictions": 0, "evicted": 0, "recomputed": 0, "seen": len(kept)},
             kv_bytes_per_token=kv_bytes_per_token(self.info.n_layer, self.info.n_embd, value_bytes),

@@ -7,6 +7,7 @@ memory first: no pickle, no remote code, no second copy of the weights in memory
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import mmap
@@ -232,23 +233,36 @@ KV_BFLOAT16 = bool({"avx512_bf16", "amx_bf16"} & kernels.cpu_flags())  # the CPU
 VALUE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes of one stored key or value element
 
 
-def kv_dtype(dtype: str, device: str) -> str:
+def kv_dtype(dtype: str, device: str, shape: tuple[int, int, int], cache: Path | None = None) -> str:
     """The dtype keys and values are stored in (its name: float32, bfloat16 or
     float16) by a model loaded with the settings' `dtype` (auto, float32, bfloat16,
     float16, int8, int4) on `device` (auto, cpu, cuda, mps): its activations', except
     for quantized weights on a CPU with native bfloat16 arithmetic, where bfloat16
-    halves what attention reads at a long context (on gpt2 at 900 tokens, a step 18%
-    shorter; int8 is approximate already, and its fidelity to float32 did not move).
+    halves what attention reads, and is used where a step's attention over the
+    model's `shape` (heads, head dimension, positions) measures faster with it
+    (`kernels.store_dtype`, cached in `cache`; int8 is approximate already, and its
+    fidelity to float32 did not move).
 
-    Reads no weights, and imports no torch unless only torch can tell (dtype auto
-    where a CUDA device may be present), so a preview says what a run will hold."""
+    Reads no weights, and imports no torch unless only torch can tell (that
+    measurement, or dtype auto where a CUDA device may be present), so a preview
+    says what a run will hold: a choice is made once per process and shape."""
     if dtype in QUANTIZED:  # quantized weights run on the CPU only
-        return "bfloat16" if KV_BFLOAT16 else "float32"
+        return _store_dtype(shape, cache) if KV_BFLOAT16 else "float32"
     if dtype != "auto":
         return dtype
     if device in ("cpu", "mps") or device == "auto" and not _may_have_cuda():
         return "float32"  # auto is float32 everywhere but on CUDA
     return str(resolve_dtype("auto", resolve_device(device))).removeprefix("torch.")
+
+
+@functools.cache
+def _store_dtype(shape: tuple[int, int, int], cache: Path | None) -> str:
+    return next(iter(kernels.store_dtype(*shape, cache).kernels.values()))
+
+
+def store_shape(info: ModelInfo) -> tuple[int, int, int]:
+    """What `kv_dtype` measures attention over: heads, head dimension, positions."""
+    return info.n_head, info.n_embd // info.n_head, info.n_positions
 
 
 def _may_have_cuda() -> bool:
@@ -311,7 +325,8 @@ def load_model(info: ModelInfo, *, device: str = "auto", dtype: str = "auto", fo
         check = lambda tensors: check_weights(info, weights_path, tensors)  # noqa: E731
         weights = read_safetensors(weights_path, dtype=torch_dtype, device=device, check=check)
         try:
-            return GPT2(config, weights, weight_format=dtype if dtype in QUANTIZED else None, kv_dtype=getattr(torch, kv_dtype(dtype, device)),
+            stored = getattr(torch, kv_dtype(dtype, device, store_shape(info), kernel_cache))
+            return GPT2(config, weights, weight_format=dtype if dtype in QUANTIZED else None, kv_dtype=stored,
                         forced_kernels=forced_kernels, kernel_cache=kernel_cache)
         except KeyError as e:
             raise ModelError(f"{weights_path} lacks the GPT-2 weight {e}") from None
