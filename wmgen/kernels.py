@@ -5,7 +5,7 @@ kernel streams a matrix from memory, and that differs between CPUs: oneDNN's pac
 layout is ~20% faster than `addmm` on an AMD EPYC (AVX2) and ~30% slower on an Intel
 Xeon (AVX-512). So the first time a model's shapes are met on a machine, each
 candidate is timed on the model's own weights and the fastest is used. The choice is
-kept in a small JSON file, keyed by CPU model, threads, torch version, dtype and
+kept in a small JSON file, keyed by CPU model and vector extensions, threads, torch version, dtype and
 shape, so later runs pay nothing.
 
 Float kernels (GPT-2 stores its projections `[in, out]`, and the tied head `[out, in]`;
