@@ -428,6 +428,21 @@ def test_a_crash_while_saving_leaves_the_old_session_intact_and_no_temp_file(tmp
     assert leftovers == [], f"a failure in {where} left {leftovers} behind"
 
 
+def test_the_next_save_removes_what_a_killed_save_left_and_nothing_else(tmp_path):
+    session.write(tmp_path, "s", a_snapshot([1, 2, 3], tag="old"))
+    session.write(tmp_path, "s.v2", a_snapshot([4], tag="other"))
+    folder = session.path_of(tmp_path, "s").parent
+    stale = [".s.json.k1lled_1.tmp", "..s.undo.k1lled_2.tmp", ".s.k1lled_3.tmp"]  # the last as older versions named it
+    others = [".s.v2.json.abcdefgh.tmp", ".s.v2.abcdefgh.tmp", ".s.json.notours.tmp", "s.json.k1lled_4.tmp", "notes.txt"]
+    for name in stale + others:
+        (folder / name).write_text("{half")
+    session.write(tmp_path, "s", a_snapshot([7, 8], tag="new"))
+    left = {p.name for p in folder.iterdir()}
+    assert not left & set(stale), f"still there after the next save: {sorted(left & set(stale))}"
+    assert set(others) <= left, f"removed what was not a temporary of session s: {sorted(set(others) - left)}"
+    assert session.read(tmp_path, "s")["text"] == "new" and session.read(tmp_path, "s.v2")["text"] == "other"
+
+
 def test_a_failed_save_during_generate_is_a_warning_and_keeps_the_old_session(tiny_dir, saved, monkeypatch):
     before = session_file().read_bytes()
 

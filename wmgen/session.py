@@ -153,7 +153,8 @@ def _write(state: Path, name: str, snapshot: dict, undoable: bool, expected: str
                     continue
                 record["name"] = candidate
                 record["created_at"] = created or record["saved_at"]
-                fd, tmp = tempfile.mkstemp(prefix=f".{candidate}.", suffix=".tmp", dir=path.parent)
+                _sweep(path)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # as `_temporary` names it
                 try:
                     with os.fdopen(fd, "w", encoding="utf-8") as f:
                         json.dump(record, f, ensure_ascii=False, indent=1, allow_nan=False)
@@ -216,7 +217,8 @@ def undo_path(path: Path) -> Path:
 
 
 def _replace_with(path: Path, data: bytes) -> None:
-    """`path` holding `data`, atomically: a temporary file renamed into place."""
+    """`path` holding `data`, atomically: a temporary file renamed into place
+    (named as `_temporary` says, so that `_sweep` finds it if the process dies first)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -227,6 +229,33 @@ def _replace_with(path: Path, data: bytes) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _temporary(path: Path, name: str) -> bool:
+    """Whether file `name` is a temporary made for `path` by a save: the
+    file's whole name, then `tempfile`'s random part, which holds no dot, so no
+    other session's temporaries match. (Before, a session's temporaries were named
+    by the session alone: `.NAME.XXXXXXXX.tmp`.)"""
+    random_part = r"\.[a-z0-9_]{8}\.tmp"
+    legacy = re.fullmatch(rf"\.{re.escape(path.stem)}{random_part}", name) and path.suffix == ".json"
+    return bool(re.fullmatch(rf"\.{re.escape(path.name)}{random_part}", name) or legacy)
+
+
+def _sweep(path: Path) -> None:
+    """Remove what a wmgen killed mid-save left of session file `path` and its
+    undo: temporaries never renamed into place. Called under the session's lock,
+    which every writer holds while its temporary exists, so none is in use."""
+    try:
+        found = [entry.name for entry in os.scandir(path.parent)]
+    except OSError:
+        return
+    for kept in (path, undo_path(path)):
+        for name in found:
+            if _temporary(kept, name):
+                try:
+                    os.unlink(path.parent / name)
+                except OSError:  # gone already, or not ours to remove: the save goes on
+                    pass
 
 
 def undo(state: Path, name: str) -> None:
@@ -247,6 +276,7 @@ def undo(state: Path, name: str) -> None:
         except (files.FileProblem, ValueError, RecursionError, Unusable, OtherVersion) as e:
             raise SessionError(f"the version of session '{name}' to undo to cannot be used ({e}); nothing was changed") from None
         now_bytes = path.read_bytes()
+        _sweep(path)
         _replace_with(path, before)
         _replace_with(kept, now_bytes)
 
